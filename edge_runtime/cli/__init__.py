@@ -17,7 +17,7 @@ from edge_runtime import __version__
 from edge_runtime.errors import EdgeRuntimeError
 
 # Order is the order shown in --help.
-COMMANDS: tuple[str, ...] = ("demo", "run", "scenario", "export", "profile", "bench")
+COMMANDS: tuple[str, ...] = ("demo", "run", "scenario", "export", "profile")
 
 log = logging.getLogger("edge_runtime")
 
