@@ -9,8 +9,12 @@ from edge_runtime.encoder.backend import (
     TorchBackend,
     build_feature_module,
 )
+from edge_runtime.encoder.export import export_encoder, read_manifest
 from edge_runtime.encoder.mobilenet import MobileNetV2, PooledFeatures
+from edge_runtime.encoder.onnx_backend import OnnxRuntimeBackend
 from edge_runtime.encoder.preprocess import preprocess, validate_frames
+from edge_runtime.encoder.select import select_backend
+from edge_runtime.encoder.tensorrt_backend import TensorRTBackend
 from edge_runtime.encoder.weights import default_weights_path, load_state_dict
 
 __all__ = [
@@ -20,11 +24,16 @@ __all__ = [
     "EncoderBackend",
     "FeatureSpec",
     "MobileNetV2",
+    "OnnxRuntimeBackend",
     "PooledFeatures",
+    "TensorRTBackend",
     "TorchBackend",
     "build_feature_module",
     "default_weights_path",
+    "export_encoder",
     "load_state_dict",
     "preprocess",
+    "read_manifest",
+    "select_backend",
     "validate_frames",
 ]
