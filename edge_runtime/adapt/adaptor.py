@@ -1,0 +1,275 @@
+"""Adaptors: small heads on frozen encoder features, with a global label map.
+
+An :class:`Adaptor` owns the labels it predicts (``label_map``: local output index -> global label
+id), an optional feature normaliser fitted on its training data, and a linear or MLP body. Its
+``arch`` dict (see :class:`AdaptorArch`) plus ``label_map`` plus ``state_dict`` rebuild it exactly,
+which is what a checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_runtime.errors import CheckpointError, InputError
+
+KINDS = ("linear", "mlp")
+
+
+@dataclass(frozen=True)
+class AdaptorArch:
+    """What to build: ``linear`` or ``mlp`` (``hidden`` width, ``depth`` hidden layers, dropout)."""
+
+    kind: str = "linear"
+    in_dim: int = 1280
+    hidden: int = 0
+    depth: int = 0
+    dropout: float = 0.0
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InputError(f"adaptor kind must be one of {KINDS}, got {self.kind!r}")
+        if self.in_dim <= 0:
+            raise InputError(f"adaptor in_dim must be > 0, got {self.in_dim}")
+        if self.kind == "mlp" and (self.hidden <= 0 or self.depth <= 0):
+            raise InputError(f"an mlp adaptor needs hidden > 0 and depth > 0, got {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"adaptor dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdaptorArch:
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise CheckpointError(f"adaptor arch {d!r} is not valid: {exc}") from exc
+
+    def with_in_dim(self, in_dim: int) -> AdaptorArch:
+        return AdaptorArch(**{**self.to_dict(), "in_dim": int(in_dim)})
+
+    def n_params(self, n_classes: int) -> int:
+        """Trainable parameters for ``n_classes`` outputs."""
+        if self.kind == "linear":
+            return (self.in_dim + 1) * n_classes
+        widths = [self.in_dim] + [self.hidden] * self.depth
+        body = sum((a + 1) * b for a, b in itertools.pairwise(widths))
+        return body + (self.hidden + 1) * n_classes
+
+    def flops(self, n_classes: int) -> int:
+        """Multiply-adds per frame (a latency proxy)."""
+        return self.n_params(n_classes)
+
+
+class Adaptor(nn.Module):
+    """A head on frozen features that predicts global label ids."""
+
+    def __init__(self, arch: AdaptorArch | dict[str, Any], label_map: Sequence[int]) -> None:
+        super().__init__()
+        self.arch = arch if isinstance(arch, AdaptorArch) else AdaptorArch.from_dict(arch)
+        labels = [int(v) for v in label_map]
+        if not labels:
+            raise InputError("an adaptor needs at least one label")
+        if len(set(labels)) != len(labels):
+            raise InputError(f"label_map has duplicates: {labels}")
+        self.label_map: list[int] = labels
+        self._index = {g: i for i, g in enumerate(labels)}
+        a = self.arch
+        # Normaliser as buffers so it travels in state_dict; identity until fitted.
+        self.register_buffer("feat_mean", torch.zeros(a.in_dim))
+        self.register_buffer("feat_std", torch.ones(a.in_dim))
+        layers: list[nn.Module] = []
+        width = a.in_dim
+        for _ in range(a.depth if a.kind == "mlp" else 0):
+            layers += [nn.Linear(width, a.hidden), nn.ReLU()]
+            if a.dropout > 0:
+                layers.append(nn.Dropout(a.dropout))
+            width = a.hidden
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, len(labels))
+
+    # -- description ---------------------------------------------------------------------------
+    @property
+    def n_classes(self) -> int:
+        return len(self.label_map)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able: what a checkpoint needs besides the tensors."""
+        return {"arch": self.arch.to_dict(), "label_map": list(self.label_map)}
+
+    @classmethod
+    def from_state(cls, description: dict[str, Any], state: dict[str, torch.Tensor]) -> Adaptor:
+        """Rebuild from :meth:`describe` and :meth:`state_dict` output."""
+        model = cls(description["arch"], description["label_map"])
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"adaptor tensors do not match its arch: {exc}") from exc
+        return model.eval()
+
+    # -- labels --------------------------------------------------------------------------------
+    def to_local(self, labels: np.ndarray) -> np.ndarray:
+        """Global label ids -> output indices; an unknown label raises InputError."""
+        try:
+            return np.fromiter(
+                (self._index[int(v)] for v in labels), dtype=np.int64, count=len(labels)
+            )
+        except KeyError as exc:
+            raise InputError(
+                f"label {exc.args[0]} is not in this adaptor's label map {self.label_map}"
+            ) from exc
+
+    # -- inference -----------------------------------------------------------------------------
+    def fit_normalizer(self, features: torch.Tensor) -> None:
+        if not self.arch.normalize:
+            return
+        with torch.no_grad():
+            self.feat_mean.copy_(features.mean(0))
+            # The floor keeps near-constant (dead ReLU) channels from being blown up.
+            self.feat_std.copy_(
+                features.std(0, unbiased=False).clamp_min(1e-3 * features.std().item() + 1e-6)
+            )
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """Normalised features through the hidden layers (the head's input)."""
+        return self.body((features - self.feat_mean) / self.feat_std)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(features))
+
+    def _as_tensor(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(features, dtype=torch.float32)
+        if x.ndim != 2 or x.shape[1] != self.arch.in_dim:
+            raise InputError(
+                f"features must have shape (N, {self.arch.in_dim}), got {tuple(x.shape)}"
+            )
+        return x
+
+    @torch.inference_mode()
+    def logits(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(N, n_classes) float32 logits, columns in ``label_map`` order."""
+        was = self.training
+        self.eval()
+        out = self(self._as_tensor(features)).numpy()
+        self.train(was)
+        return out
+
+    def predict(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(N,) int64 global label ids."""
+        if len(features) == 0:
+            return np.zeros(0, dtype=np.int64)
+        idx = self.logits(features).argmax(1)
+        return np.asarray(self.label_map, dtype=np.int64)[idx]
+
+
+def build_adaptor(
+    arch: AdaptorArch | dict[str, Any], label_map: Sequence[int], seed: int = 0
+) -> Adaptor:
+    """A freshly initialised adaptor (deterministic given ``seed``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Adaptor(arch, label_map)
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    final_loss: float
+    train_accuracy: float
+    seconds: float
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train_adaptor(
+    adaptor: Adaptor,
+    features: np.ndarray | torch.Tensor,
+    labels: np.ndarray,
+    steps: int = 300,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    *,
+    fit_normalizer: bool = True,
+    cancel: threading.Event | None = None,
+    threads: int | None = 1,
+) -> TrainReport:
+    """Full-batch Adam on (features, global labels); deterministic for a given ``seed``.
+
+    Few-shot sets (hundreds of frames) fit in one batch, so full-batch steps are both the fastest
+    and reproducible. Torch's thread count is not touched here: the :class:`AdaptationWorker`
+    sets it for its own thread (OpenMP thread counts are per thread), so training never competes
+    with the serving thread's encoder for cores. ``cancel`` stops between steps.
+    """
+    if steps <= 0:
+        raise InputError(f"steps must be > 0, got {steps}")
+    x = adaptor._as_tensor(features).detach()
+    y_np = np.asarray(labels)
+    if y_np.ndim != 1 or len(y_np) != len(x) or len(x) == 0:
+        raise InputError(f"labels must have shape ({len(x)},) matching features, got {y_np.shape}")
+    y = torch.from_numpy(adaptor.to_local(y_np))
+    with _torch_threads(threads):
+        return _train(adaptor, x, y, steps, lr, weight_decay, seed, fit_normalizer, cancel)
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set this thread's torch intra-op thread count."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(
+    adaptor: Adaptor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    fit_normalizer: bool,
+    cancel: threading.Event | None,
+) -> TrainReport:
+    t0 = time.perf_counter()
+    if fit_normalizer:
+        adaptor.fit_normalizer(x)
+    adaptor.train()
+    opt = torch.optim.Adam(adaptor.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    loss = torch.tensor(float("nan"))
+    done, stopped = 0, False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout masks
+        for _ in range(steps):
+            if cancel is not None and cancel.is_set():
+                stopped = True
+                break
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(adaptor(x), y)
+            loss.backward()
+            opt.step()
+            done += 1
+    adaptor.eval()
+    with torch.inference_mode():
+        acc = float((adaptor(x).argmax(1) == y).float().mean())
+    return TrainReport(done, float(loss.detach()), acc, time.perf_counter() - t0, stopped)

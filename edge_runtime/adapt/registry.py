@@ -1,0 +1,200 @@
+"""Domains and their registry: one adaptor per learned distribution, with a capacity limit.
+
+:class:`DomainRegistry` holds :class:`Domain` records in creation order. ``max_adaptors`` is
+enforced on :meth:`DomainRegistry.add`: with ``eviction="refuse"`` a full registry raises
+:class:`RegistryFullError`; with ``eviction="oldest"`` the oldest drift-grown domain (never the
+base) is removed and reported as an :class:`EvictionEvent`. The registry serialises to a flat
+tensor dict (safetensors-compatible keys ``domain.<id>.<param>``) plus JSON-able metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from edge_runtime.adapt.adaptor import Adaptor
+from edge_runtime.errors import CheckpointError, EdgeRuntimeError, InputError
+
+ORIGINS = ("base", "drift")
+EVICTION_POLICIES = ("refuse", "oldest")
+
+
+class RegistryFullError(EdgeRuntimeError):
+    """The registry holds ``max_adaptors`` domains and the policy is to refuse new ones."""
+
+
+@dataclass
+class Domain:
+    id: int
+    name: str
+    adaptor: Adaptor
+    labels: tuple[int, ...]
+    created_at_frame: int = -1
+    origin: str = "base"  # "base" | "drift"
+    kind: str = "base"  # "base" | "domain_shift" | "novel_class" | "shipped" ...
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.origin not in ORIGINS:
+            raise InputError(f"domain origin must be one of {ORIGINS}, got {self.origin!r}")
+        self.labels = tuple(int(v) for v in self.labels)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able record (no tensors)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "labels": list(self.labels),
+            "created_at_frame": self.created_at_frame,
+            "origin": self.origin,
+            "kind": self.kind,
+            "metadata": self.metadata,
+            "adaptor": self.adaptor.describe(),
+        }
+
+
+@dataclass
+class EvictionEvent:
+    evicted: Domain
+    reason: str
+
+
+class DomainRegistry:
+    def __init__(self, max_adaptors: int = 8, eviction: str = "refuse") -> None:
+        if max_adaptors < 1:
+            raise InputError(f"max_adaptors must be >= 1, got {max_adaptors}")
+        if eviction not in EVICTION_POLICIES:
+            raise InputError(f"eviction must be one of {EVICTION_POLICIES}, got {eviction!r}")
+        self.max_adaptors = int(max_adaptors)
+        self.eviction = eviction
+        self._domains: dict[int, Domain] = {}
+        self._next_id = 0
+
+    # -- queries -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._domains)
+
+    def __iter__(self) -> Iterator[Domain]:
+        return iter(self.list())
+
+    def __contains__(self, domain_id: object) -> bool:
+        return domain_id in self._domains
+
+    def list(self) -> list[Domain]:
+        """Domains in creation order (ids ascending)."""
+        return [self._domains[k] for k in sorted(self._domains)]
+
+    def ids(self) -> list[int]:
+        return sorted(self._domains)
+
+    def get(self, domain_id: int) -> Domain:
+        try:
+            return self._domains[int(domain_id)]
+        except KeyError:
+            raise InputError(f"no domain with id {domain_id}; known ids {self.ids()}") from None
+
+    def next_id(self) -> int:
+        return self._next_id
+
+    def all_labels(self) -> list[int]:
+        """Every global label any domain predicts, sorted."""
+        return sorted({lab for d in self._domains.values() for lab in d.labels})
+
+    @property
+    def full(self) -> bool:
+        return len(self._domains) >= self.max_adaptors
+
+    # -- changes -------------------------------------------------------------------------------
+    def add(
+        self,
+        adaptor: Adaptor,
+        *,
+        name: str | None = None,
+        created_at_frame: int = -1,
+        origin: str = "drift",
+        kind: str = "domain_shift",
+        metadata: dict[str, Any] | None = None,
+        domain_id: int | None = None,
+    ) -> tuple[Domain, list[EvictionEvent]]:
+        """Register a new domain; returns it and any domains evicted to make room."""
+        did = self._next_id if domain_id is None else int(domain_id)
+        if did in self._domains:
+            raise InputError(f"domain id {did} is already registered")
+        events: list[EvictionEvent] = []
+        if self.full:
+            if self.eviction == "refuse":
+                raise RegistryFullError(
+                    f"adapt.max_adaptors={self.max_adaptors} reached; refusing to add a new adaptor"
+                )
+            victims = [d for d in self.list() if d.origin != "base"]
+            if not victims:
+                raise RegistryFullError(
+                    f"adapt.max_adaptors={self.max_adaptors} reached and only base domains are held"
+                )
+            victim = victims[0]
+            self.remove(victim.id)
+            events.append(
+                EvictionEvent(
+                    victim, f"max_adaptors={self.max_adaptors}: evicted the oldest drift domain"
+                )
+            )
+        domain = Domain(
+            id=did,
+            name=name or f"domain-{did}",
+            adaptor=adaptor,
+            labels=tuple(adaptor.label_map),
+            created_at_frame=int(created_at_frame),
+            origin=origin,
+            kind=kind,
+            metadata=dict(metadata or {}),
+        )
+        self._domains[did] = domain
+        self._next_id = max(self._next_id, did + 1)
+        return domain, events
+
+    def remove(self, domain_id: int) -> Domain:
+        domain = self.get(domain_id)
+        del self._domains[domain.id]
+        return domain
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, metadata): tensors keyed ``domain.<id>.<param>``, contiguous CPU float."""
+        tensors: dict[str, torch.Tensor] = {}
+        for d in self.list():
+            for key, t in d.adaptor.state_dict().items():
+                tensors[f"domain.{d.id}.{key}"] = t.detach().cpu().contiguous().clone()
+        meta = {
+            "max_adaptors": self.max_adaptors,
+            "eviction": self.eviction,
+            "next_id": self._next_id,
+            "domains": [d.describe() for d in self.list()],
+        }
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> DomainRegistry:
+        try:
+            reg = cls(int(meta["max_adaptors"]), str(meta["eviction"]))
+            for rec in meta["domains"]:
+                prefix = f"domain.{rec['id']}."
+                state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                adaptor = Adaptor.from_state(rec["adaptor"], state)
+                domain = Domain(
+                    id=int(rec["id"]),
+                    name=rec["name"],
+                    adaptor=adaptor,
+                    labels=tuple(rec["labels"]),
+                    created_at_frame=int(rec["created_at_frame"]),
+                    origin=rec["origin"],
+                    kind=rec["kind"],
+                    metadata=dict(rec.get("metadata", {})),
+                )
+                reg._domains[domain.id] = domain
+            reg._next_id = int(meta["next_id"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"domain registry metadata is malformed: {exc!r}") from exc
+        return reg
