@@ -1,0 +1,143 @@
+"""``edge-runtime run``: serve a stream file under the test-then-train protocol.
+
+Writes ``DIR/frames.npz``, ``DIR/events.jsonl`` and ``DIR/metrics.json`` (DESIGN.md,
+"Outputs"). Ctrl-C finishes the current batch, writes what was served so far (metrics
+marked ``"interrupted": true``) and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edge_runtime.config import (
+    RuntimeConfig,
+    load_config,
+    load_profile,
+    parse_override_args,
+)
+from edge_runtime.data.stream import load_stream
+from edge_runtime.errors import ConfigError
+
+EXIT_INTERRUPTED = 130
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """--config / --profile / --set / --label-budget / --no-progress (shared with demo)."""
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--config", metavar="C.yaml", help="runtime config YAML (default: built-in)")
+    src.add_argument("--profile", metavar="NAME", help="device profile name or YAML path")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set encoder.batch_size=64 (repeatable)",
+    )
+    parser.add_argument(
+        "--label-budget",
+        type=int,
+        metavar="N",
+        help="labels collected per drift (adapt.label_budget)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_config(args: argparse.Namespace) -> RuntimeConfig:
+    """The config named by --config/--profile with --set and --label-budget applied."""
+    if getattr(args, "profile", None):
+        cfg = load_profile(args.profile)
+    else:
+        cfg = load_config(getattr(args, "config", None))
+    overrides = parse_override_args(list(getattr(args, "overrides", []) or []))
+    if getattr(args, "label_budget", None) is not None:
+        if args.label_budget <= 0:
+            raise ConfigError(f"--label-budget: must be > 0, got {args.label_budget}")
+        overrides["adapt.label_budget"] = str(args.label_budget)
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="serve a stream .npz: detect drift, adapt, write events.jsonl and metrics.json",
+        description=(
+            "Serve every frame of a stream file in order (test-then-train), detecting drift "
+            "and growing adaptors; writes frames.npz, events.jsonl and metrics.json into --out."
+        ),
+    )
+    parser.add_argument("--stream", required=True, metavar="S.npz", help="stream file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--checkpoint", metavar="DIR", help="also save the final runtime here")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip the naive/joint baseline heads"
+    )
+    add_config_args(parser)
+    parser.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edge_runtime.runner import run_stream
+
+    cfg = resolve_config(args)
+    stream = load_stream(args.stream)
+    result = run_stream(
+        stream,
+        cfg,
+        args.out,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        stream_path=str(Path(args.stream)),
+        checkpoint=args.checkpoint,
+        baselines=not args.no_baselines,
+    )
+    m = result.metrics
+    print(format_summary(m))
+    print(f"outputs: {result.out_dir}/metrics.json, events.jsonl, frames.npz")
+    if result.interrupted:
+        print(
+            "edge-runtime: interrupted; wrote outputs for the frames served so far", file=sys.stderr
+        )
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def format_summary(m: dict) -> str:
+    """The per-segment table (detected, delay, accuracy, adaptor) and headline numbers."""
+    lines = [
+        f"{'seg':>3} {'frames':>6} {'shift':>5} {'detected':>8} {'delay':>5} "
+        f"{'preq.acc':>8} {'final.acc':>9} {'adaptor':>7}"
+    ]
+    for s in m.get("segments", []):
+        det = "-" if s["detected"] is None else ("yes" if s["detected"] else "NO")
+        delay = "-" if s["detection_delay"] is None else str(s["detection_delay"])
+        pa = "-" if s["prequential_accuracy"] is None else f"{s['prequential_accuracy']:.1f}"
+        fa = "-" if s["final_accuracy"] is None else f"{s['final_accuracy']:.1f}"
+        ad = "-" if s["adaptor"] is None else str(s["adaptor"])
+        shift = "yes" if s["is_shift"] else "no"
+        lines.append(
+            f"{s['id']:>3} {s['frames']:>6} {shift:>5} {det:>8} {delay:>5} {pa:>8} {fa:>9} {ad:>7}"
+        )
+    b = m.get("baselines") or {}
+    head = {
+        "prequential_accuracy": m.get("prequential_accuracy"),
+        "mean_final_accuracy": m.get("mean_final_accuracy"),
+        "naive_finetune": b.get("naive_finetune_mean_final_accuracy"),
+        "joint": b.get("joint_mean_final_accuracy"),
+        "forgetting": m.get("forgetting"),
+        "false_alarms": m.get("false_alarms"),
+        "median_delay": m.get("median_detection_delay"),
+        "ood_auroc": m.get("ood_auroc"),
+        "labels_used": m.get("labels_used"),
+        "adaptors": m.get("adaptors"),
+        "frames_per_second": m.get("frames_per_second"),
+        "max_serving_gap_s": m.get("max_serving_gap_s"),
+        "peak_rss_mb": m.get("peak_rss_mb"),
+    }
+    lines.append(json.dumps(head))
+    checks = m.get("checks") or {}
+    failed = [k for k, v in checks.items() if v is False]
+    lines.append("checks: " + ("all pass" if not failed else "FAILED " + ", ".join(failed)))
+    return "\n".join(lines)

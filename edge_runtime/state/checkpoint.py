@@ -1,0 +1,200 @@
+"""Atomic, versioned checkpoints: one safetensors file of arrays plus a JSON manifest.
+
+A checkpoint is a directory::
+
+    <path>/manifest.json        format, version, kind, the JSON tree of the state, sha256s
+    <path>/tensors.safetensors  every array of the state, by flat name
+
+Any nested state (dicts, lists, scalars, strings, numpy arrays, torch tensors) is
+split into a JSON tree in which each array is replaced by a reference
+``{"__tensor__": name}`` and a flat ``{name: array}`` map stored with safetensors
+(no pickle: a checkpoint may come from another device and must not run code).
+
+Writing is atomic: everything goes to a temporary sibling directory, each file is
+fsynced, then the directory is renamed over the target, so a crash or a power cut
+leaves either the old checkpoint or the new one, never a half-written mixture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from edge_runtime.errors import CheckpointError
+
+FORMAT = "edge_runtime.checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+_REF = "__tensor__"
+_TORCH = "__torch__"
+
+
+def flatten_state(state: Any) -> tuple[Any, dict[str, np.ndarray]]:
+    """Split a nested state into (JSON-able tree, {name: array})."""
+    tensors: dict[str, np.ndarray] = {}
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            name = path or "root"
+            tensors[name] = np.ascontiguousarray(node.detach().cpu().numpy())
+            return {_REF: name, _TORCH: True}
+        if isinstance(node, np.ndarray):
+            if node.dtype == object:
+                raise CheckpointError(f"state entry {path!r} is an object array; cannot save it")
+            name = path or "root"
+            tensors[name] = np.ascontiguousarray(node)
+            return {_REF: name}
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise CheckpointError(f"state key {key!r} under {path!r} is not a string")
+                if key in (_REF, _TORCH):
+                    raise CheckpointError(f"state key {key!r} is reserved")
+                out[key] = walk(value, f"{path}.{key}" if path else key)
+            return out
+        if isinstance(node, (list, tuple)):
+            return [walk(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(node)]
+        if isinstance(node, np.generic):
+            return node.item()
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        raise CheckpointError(f"state entry {path!r} has unsupported type {type(node).__name__}")
+
+    return walk(state, ""), tensors
+
+
+def unflatten_state(tree: Any, tensors: dict[str, np.ndarray]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(tree, dict):
+        if _REF in tree:
+            name = tree[_REF]
+            if name not in tensors:
+                raise CheckpointError(f"checkpoint manifest references missing tensor {name!r}")
+            arr = tensors[name]
+            return torch.from_numpy(arr.copy()) if tree.get(_TORCH) else arr
+        return {k: unflatten_state(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [unflatten_state(v, tensors) for v in tree]
+    return tree
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Directory fsync makes the rename itself durable; not every OS allows it.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: Any, *, kind: str) -> Path:
+    """Write ``state`` atomically as a checkpoint directory at ``path``; returns the path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tree, tensors = flatten_state(state)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tensor_path = tmp / TENSORS
+        save_file(tensors, str(tensor_path))
+        _fsync_file(tensor_path)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": kind,
+            "created": time.time(),
+            "tensors_sha256": _sha256(tensor_path),
+            "num_tensors": len(tensors),
+            "state": tree,
+        }
+        manifest_path = tmp / MANIFEST
+        manifest_path.write_text(json.dumps(manifest, indent=1, allow_nan=True), encoding="utf-8")
+        _fsync_file(manifest_path)
+        _fsync_dir(tmp)
+        if target.exists():
+            # Move the old checkpoint aside first: rename cannot replace a non-empty directory.
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{time.time_ns()}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of the checkpoint at ``path``, checked for format and version."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint {root} does not exist")
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint {root} is not a directory")
+    mpath = root / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {root} has no {MANIFEST}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {root}: {MANIFEST} is corrupt ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {root}: {MANIFEST} is not an edge_runtime checkpoint")
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > VERSION or version < 1:
+        raise CheckpointError(
+            f"checkpoint {root} has format version {version!r}; this build reads 1..{VERSION}"
+        )
+    return manifest
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, kind: str) -> Any:
+    """Read, verify (sha256, kind) and rebuild the state saved by :func:`save_checkpoint`."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    if manifest.get("kind") != kind:
+        raise CheckpointError(
+            f"checkpoint {root} holds {manifest.get('kind')!r}, expected {kind!r}"
+        )
+    tpath = root / TENSORS
+    if not tpath.is_file():
+        raise CheckpointError(f"checkpoint {root} has no {TENSORS}")
+    if _sha256(tpath) != manifest.get("tensors_sha256"):
+        raise CheckpointError(f"checkpoint {root}: {TENSORS} is corrupt (sha256 mismatch)")
+    try:
+        tensors = load_file(str(tpath))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"checkpoint {root}: cannot read {TENSORS} ({exc})") from None
+    return unflatten_state(manifest.get("state"), tensors)

@@ -1,0 +1,167 @@
+"""Runtime: serving, rejection, drift -> labels -> adaptation, routing back, exact save/load.
+
+Real encoder (MobileNetV2 at 32x32 input) and real Fashion-MNIST frames, small slices. The
+shifted domain is the same classes under heavy fog (the fashion-drift scenario's first shift).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_runtime.config import RuntimeConfig
+from edge_runtime.data import load_fashion_mnist
+from edge_runtime.data.corruptions import corrupt
+from edge_runtime.errors import CheckpointError, InputError
+from edge_runtime.runtime import Runtime, build_encoder
+
+CFG = RuntimeConfig().with_overrides(
+    {
+        "encoder.input_size": 32,
+        "encoder.batch_size": 32,
+        "hdc.dim": 2048,
+        "drift.warmup": 60,
+        "adapt.label_budget": 48,
+        "adapt.steps": 60,
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, np.ndarray]:
+    x, y = load_fashion_mnist("train")
+    keep = np.flatnonzero(y < 6)
+    rng = np.random.default_rng(0)
+    keep = rng.permutation(keep)
+    tr, clean, shifted, back = keep[:600], keep[600:760], keep[760:960], keep[960:1040]
+    return {
+        "train_x": x[tr],
+        "train_y": y[tr].astype(np.int64),
+        "stream_x": np.concatenate([x[clean], corrupt(x[shifted], "fog", 4, 0), x[back]]),
+        "stream_y": np.concatenate([y[clean], y[shifted], y[back]]).astype(np.int64),
+    }
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return build_encoder(CFG)
+
+
+def _fitted(encoder, data) -> Runtime:
+    rt = Runtime(CFG, encoder, background=False)
+    rt.fit_base(data["train_x"], data["train_y"])
+    return rt
+
+
+def _serve(rt: Runtime, data, start: int, stop: int, bs: int = 32) -> list:
+    out = []
+    for a in range(start, stop, bs):
+        b = min(a + bs, stop)
+        idx = np.arange(a, b)
+        dec = rt.process(data["stream_x"][a:b], idx)
+        if dec.label_request.any():
+            rt.feedback(idx[dec.label_request], data["stream_y"][idx[dec.label_request]])
+        dec.events += rt.drain_events()
+        out.append(dec)
+    return out
+
+
+def test_process_needs_a_base_domain_and_checks_batches(encoder, data) -> None:
+    rt = Runtime(CFG, encoder, background=False)
+    with pytest.raises(InputError, match="fit_base"):
+        rt.process(data["stream_x"][:4])
+    rt.fit_base(data["train_x"], data["train_y"])
+    with pytest.raises(InputError, match="rank"):
+        rt.process(np.zeros((4, 28), np.uint8))
+    with pytest.raises(InputError, match="dtype"):
+        rt.process(np.zeros((4, 28, 28), np.int32))
+    dec = rt.process(data["stream_x"][:8])
+    assert dec.prediction.dtype == np.int64 and dec.ood_score.dtype == np.float32
+    assert dec.domain.tolist() == [0] * 8 and not dec.rejected.any()
+    # Clean frames of the base classes: mostly correct, mostly in-distribution.
+    dec = rt.process(data["stream_x"][8:72])
+    assert np.mean(dec.prediction == data["stream_y"][8:72]) > 0.6
+    assert np.mean(dec.is_ood) < 0.3
+
+
+def test_nan_frame_is_rejected_and_the_rest_served(encoder, data) -> None:
+    rt = _fitted(encoder, data)
+    frames = data["stream_x"][:6].astype(np.float32) / 255.0
+    frames[2, 5, 5] = np.nan
+    dec = rt.process(frames, np.arange(100, 106))
+    assert dec.rejected.tolist() == [False, False, True, False, False, False]
+    assert dec.prediction[2] == -1 and dec.domain[2] == -1 and dec.is_ood[2]
+    assert (dec.prediction[[0, 1, 3, 4, 5]] >= 0).all()
+    assert [(e["type"], e["frame"]) for e in dec.events] == [("frame_rejected", 102)]
+
+
+def test_drift_labels_adaptation_and_return(encoder, data) -> None:
+    rt = _fitted(encoder, data)
+    decs = _serve(rt, data, 0, len(data["stream_x"]))
+    events = [e for d in decs for e in d.events]
+    types = [e["type"] for e in events]
+    drift = next(e for e in events if e["type"] in ("drift", "novel_class"))
+    assert 160 <= drift["frame"] < 260, "the fogged frames start at 160"
+    assert "adaptation_started" in types and "adaptation_finished" in types
+    started = [e for e in events if e["type"] == "adaptation_started"]
+    assert started[0]["labels"] == CFG.adapt.label_budget
+    assert rt.labels_used == sum(e["labels"] for e in started)
+    # Labels were asked only for frames after a flag, at most label_budget per flag.
+    asked = np.concatenate([d.indices[d.label_request] for d in decs])
+    assert len(asked) == rt.labels_used and asked.min() > drift["frame"]
+    assert all(e["labels"] <= CFG.adapt.label_budget for e in started)
+    assert len(rt.domains) == 2
+    # After adaptation the fogged frames go to the new domain and are mostly right.
+    pred = np.concatenate([d.prediction for d in decs])
+    dom = np.concatenate([d.domain for d in decs])
+    done = next(e for e in events if e["type"] == "adaptation_finished")["frame"]
+    tail = np.arange(done, 360)
+    assert np.mean(dom[tail] == 1) > 0.8
+    assert np.mean(pred[tail] == data["stream_y"][tail]) > 0.5
+    # The clean frames at the end route back to the base domain; no third adaptor.
+    assert np.mean(dom[380:] == 0) > 0.8
+    assert sorted(rt.domains) == [0, 1]
+    assert not [
+        e for e in events if e["type"] == "adaptation_finished" and e["trigger_frame"] >= 360
+    ]
+
+
+def test_save_load_gives_identical_decisions(encoder, data, tmp_path) -> None:
+    rt = _fitted(encoder, data)
+    at = 0
+    while not rt.wants_labels():  # serve until a flag, so the checkpoint holds a label buffer
+        _serve(rt, data, at, at + 32)
+        at += 32
+        assert at < 360, "the fogged frames must be flagged"
+    _serve(rt, data, at, at + 32)  # some labels in, more still wanted
+    at += 32
+    path = rt.save(tmp_path / "ck")
+    rt.drain_events()  # save() installs a finished adaptation first; its events are queued
+    clone = Runtime.load(path, encoder, background=False)
+    assert clone.label_budget_state() == rt.label_budget_state()
+    a = _serve(rt, data, at, 440)
+    b = _serve(clone, data, at, 440)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x.prediction, y.prediction)
+        np.testing.assert_array_equal(x.ood_score, y.ood_score)
+        np.testing.assert_array_equal(x.domain, y.domain)
+        assert [e["type"] for e in x.events] == [e["type"] for e in y.events]
+    feats = encoder.features(data["stream_x"][::7])
+    for u, v in zip(
+        rt.predict_eval(features=feats), clone.predict_eval(features=feats), strict=True
+    ):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_corrupt_or_mismatched_checkpoint(encoder, data, tmp_path) -> None:
+    rt = _fitted(encoder, data)
+    path = rt.save(tmp_path / "ck")
+    other = build_encoder(CFG.with_overrides({"encoder.input_size": 48}))
+    with pytest.raises(CheckpointError, match="encoder"):
+        Runtime.load(path, other)
+    tensors = path / "tensors.safetensors"
+    raw = bytearray(tensors.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    tensors.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError):
+        Runtime.load(path, encoder)
