@@ -96,6 +96,37 @@ def segmented_cosine_max(
     return best, idx
 
 
+def hadamard_matrix(p: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Sylvester Hadamard matrix H[i, j] = (-1)^popcount(i & j), built explicitly (p = 2^n)."""
+    i = torch.arange(p, dtype=torch.int64)
+    both = i.unsqueeze(1) & i.unsqueeze(0)
+    parity = torch.zeros_like(both)
+    for j in range(max(1, p.bit_length())):
+        parity ^= (both >> j) & 1
+    return (1 - 2 * parity).to(dtype)
+
+
+def hadamard_project_pack(
+    features: torch.Tensor, signs: torch.Tensor, dim: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Structured sign projection: per round r, h_r = H D2_r H D1_r pad(x) (length P).
+
+    signs (R, 2, P) holds the ±1 diagonals D1_r, D2_r; the rounds are concatenated and cut
+    to ``dim`` components, ``bias`` (dim,) is added, and the signs are packed.
+    """
+    b, f = features.shape
+    rounds, _, p = signs.shape
+    h_mat = hadamard_matrix(p).to(features.device)
+    x = torch.zeros(b, p, dtype=torch.float64, device=features.device)
+    x[:, :f] = features.double()
+    s = signs.double()
+    blocks = [((x * s[r, 0]) @ h_mat.T * s[r, 1]) @ h_mat.T for r in range(rounds)]
+    h = torch.cat(blocks, dim=1)[:, :dim]
+    if bias is not None:
+        h = h + bias.double()
+    return pack_bits(h)
+
+
 def sign_project_pack(
     features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -1,0 +1,230 @@
+"""Public HDC kernel API: one dispatch over the reference, C++ CPU, torch, Triton and CUDA paths.
+
+``backend="auto"`` picks by the tensors' device: on CPU the C++ kernels (built on first use;
+torch/numpy path if they cannot be built), on CUDA the CUDA C++ kernels, else Triton, else
+torch. ``"reference"`` is the float64 / exact-integer implementation the tests compare to.
+A backend that does not implement an operation (e.g. cosine in Triton) uses the torch path,
+which is device-agnostic; asking explicitly for a backend that cannot run raises
+:class:`BackendUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+from typing import Literal
+
+import torch
+from edge_runtime.kernels import _checks, cpu_ext, reference, torch_backend
+from edge_runtime.kernels.hadamard import check_signs
+
+from edge_runtime.errors import BackendUnavailableError, InputError
+
+Backend = Literal["auto", "reference", "cpp", "torch", "triton", "cuda"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp", "torch", "triton", "cuda")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _module(name: str) -> ModuleType:
+    if name == "reference":
+        return reference
+    if name == "torch":
+        return torch_backend
+    if name == "cpp":
+        from edge_runtime.kernels import cpp_backend
+
+        return cpp_backend
+    if name == "triton":
+        if not triton_importable():
+            raise BackendUnavailableError("backend 'triton' needs the triton package")
+        from edge_runtime.kernels import triton_backend
+
+        return triton_backend
+    if name == "cuda":
+        from edge_runtime.kernels import cuda_backend
+
+        reason = cuda_backend.unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailableError(f"backend 'cuda' cannot run here: {reason}")
+        return cuda_backend
+    raise InputError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ``backend`` means for tensors on ``device``.
+
+    EDGE_RUNTIME_KERNEL_BACKEND, if set, replaces "auto" (e.g. "reference" to rule the fast
+    kernels in or out when a result looks wrong).
+    """
+    if backend == "auto":
+        backend = os.environ.get("EDGE_RUNTIME_KERNEL_BACKEND", "auto") or "auto"
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise InputError(
+                f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+            )
+        if backend == "cpp" and device.type != "cpu":
+            raise BackendUnavailableError("backend 'cpp' runs on CPU tensors only")
+        if (
+            backend in ("triton", "cuda")
+            and device.type != "cuda"
+            and not _triton_interpreted(backend)
+        ):
+            raise BackendUnavailableError(f"backend {backend!r} needs CUDA tensors")
+        return backend
+    if device.type == "cpu":
+        return "cpp" if cpu_ext.load() is not None else "torch"
+    if device.type == "cuda":
+        from edge_runtime.kernels import cuda_backend
+
+        if cuda_backend.unavailable_reason() is None:
+            return "cuda"
+        return "triton" if triton_importable() else "torch"
+    return "torch"
+
+
+def _triton_interpreted(backend: str) -> bool:
+    """Triton runs CPU tensors under TRITON_INTERPRET=1 (how the tests exercise it)."""
+    return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _impl(op: str, backend: str, device: torch.device):
+    name = resolve_backend(backend, device)
+    mod = _module(name)
+    fn = getattr(mod, op, None)
+    return fn if fn is not None else getattr(torch_backend, op)
+
+
+def pack_bits(x: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
+    """(N, D) real or bool → (N, ceil(D/64)) int64, bit set where x > 0, padding zero."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] == 0:
+        raise InputError("pack_bits needs a 2-D tensor (N, D) with D >= 1")
+    if x.dtype == torch.bool and backend in ("auto", "cpp", "cuda"):
+        backend = "torch"  # the fast kernels read floats; torch packs bools directly
+    return _impl("pack_bits", backend, x.device)(x)
+
+
+def unpack_bits(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N, W) int64 → (N, dim) bool."""
+    _checks.check_packed("packed", packed, allow_empty=True)
+    if not 0 < dim <= packed.shape[1] * 64:
+        raise InputError(f"dim={dim} does not fit {packed.shape[1]} packed words")
+    return torch_backend.unpack_bits(packed, dim)
+
+
+def hamming(
+    query: torch.Tensor, memory: torch.Tensor, *, backend: Backend = "auto"
+) -> torch.Tensor:
+    """Exact Hamming distances (B, M) int32 between packed rows."""
+    _checks.check_pair(query, memory)
+    return _impl("hamming", backend, query.device)(query, memory)
+
+
+def segmented_hamming_topk(
+    query: torch.Tensor,
+    memory: torch.Tensor,
+    offsets: torch.Tensor,
+    k: int,
+    *,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per segment the k nearest rows: dist (B, S, k) int32 ascending, idx (B, S, k) int64.
+
+    Segments with fewer than k rows pad with distance 2**31-1 and index -1; ties go to the
+    lower row. The fast paths keep only k candidates per (query, segment) while scanning:
+    the (B, M) distance matrix is never written.
+    """
+    _checks.check_pair(query, memory)
+    _checks.check_k(k)
+    _checks.check_offsets(offsets, memory.shape[0])
+    name = resolve_backend(backend, query.device)
+    if backend == "auto" and name in ("cuda", "triton") and k > 32:
+        name = "triton" if k <= 64 and triton_importable() else "torch"
+    offsets = offsets.to(query.device)
+    return _module(name).segmented_hamming_topk(query, memory, offsets, k)
+
+
+def segmented_cosine_max(
+    query: torch.Tensor, memory: torch.Tensor, offsets: torch.Tensor, *, backend: Backend = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per segment the best cosine similarity (B, S) and its row (B, S) int64 (-inf, -1 if empty).
+
+    Float64 under "reference" (or float64 inputs), float32 otherwise.
+    """
+    _checks.check_float_rows("query", query)
+    if memory.dim() != 2 or memory.shape[1] != query.shape[1]:
+        raise InputError(f"memory must be (M, {query.shape[1]}), got {tuple(memory.shape)}")
+    _checks.check_offsets(offsets, memory.shape[0])
+    fn = _impl("segmented_cosine_max", backend, query.device)
+    return fn(query, memory, offsets)
+
+
+def sign_project_pack(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """sign(features @ weight.T + bias), packed: (B, F) × (D, F) → (B, ceil(D/64)) int64."""
+    _checks.check_features(features)
+    if weight.dim() != 2 or weight.shape[1] != features.shape[1]:
+        raise InputError(f"weight must be (D, {features.shape[1]}), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise InputError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return _impl("sign_project_pack", backend, features.device)(features, weight, bias)
+
+
+def hadamard_project_pack(
+    features: torch.Tensor,
+    signs: torch.Tensor,
+    dim: int,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Structured sign projection (see ``hadamard``): (B, F) → packed (B, ceil(dim/64)) int64.
+
+    Needs no stored matrix (``signs`` from ``hadamard_signs`` is 20 KB for F=1,280,
+    D=10,000) and costs O(D log F) per frame; on CPU the float hypervector only ever lives
+    in a per-thread scratch buffer of P floats.
+    """
+    _checks.check_features(features)
+    check_signs(signs, features.shape[1], dim)
+    if bias is not None and bias.shape != (dim,):
+        raise InputError(f"bias must be ({dim},), got {tuple(bias.shape)}")
+    return _impl("hadamard_project_pack", backend, features.device)(features, signs, dim, bias)
+
+
+def project_and_topk(
+    features: torch.Tensor,
+    projection: torch.Tensor,
+    memory: torch.Tensor,
+    offsets: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None = None,
+    *,
+    dim: int | None = None,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole HDC step: features → packed hypervector → per-segment Hamming top-k.
+
+    ``projection`` is a dense ±1 weight (D, F) or Hadamard signs (R, 2, P) (then ``dim`` is
+    required). Only the packed query (ceil(D/64) words per frame) passes between the steps.
+    """
+    if projection.dim() == 3:
+        if dim is None:
+            raise InputError("project_and_topk with Hadamard signs needs dim=")
+        packed = hadamard_project_pack(features, projection, dim, bias, backend=backend)
+    else:
+        packed = sign_project_pack(features, projection, bias, backend=backend)
+    return segmented_hamming_topk(packed, memory, offsets, k, backend=backend)

@@ -1,0 +1,296 @@
+// CPU kernels for the HDC hot path: packed Hamming distances, per-segment top-k fused
+// into the scan, bit packing, and the structured (Hadamard) sign projection.
+//
+// Conventions (see kernels/reference.py): packed rows are int64 (N, W), W = ceil(D/64),
+// bit j of word w is component 64w+j; padding bits are zero. Segments are given by
+// offsets (S+1,). Input validation happens in Python; these functions assume valid,
+// contiguous tensors of the right dtypes.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kQueryBlock = 8;  // queries sharing one pass over a memory row (cuts memory traffic 8x)
+constexpr int32_t kPadDist = std::numeric_limits<int32_t>::max();
+
+// Distances from NQ queries to one memory row. Each memory word is loaded once and used
+// NQ times, and the NQ partial sums stay in registers until the end of the row.
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+template <int NQ>
+inline void block_distances(const uint64_t* const* qs, const uint64_t* row, int64_t words, int32_t* out) {
+  __m512i acc[NQ];
+  for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_si512();
+  int64_t w = 0;
+  for (; w + 8 <= words; w += 8) {
+    const __m512i m = _mm512_loadu_si512(row + w);
+    for (int i = 0; i < NQ; ++i)
+      acc[i] = _mm512_add_epi64(acc[i], _mm512_popcnt_epi64(_mm512_xor_si512(m, _mm512_loadu_si512(qs[i] + w))));
+  }
+  if (w < words) {  // masked tail: never reads past the row
+    const __mmask8 mask = static_cast<__mmask8>((1u << (words - w)) - 1u);
+    const __m512i m = _mm512_maskz_loadu_epi64(mask, row + w);
+    for (int i = 0; i < NQ; ++i)
+      acc[i] = _mm512_add_epi64(
+          acc[i], _mm512_popcnt_epi64(_mm512_xor_si512(m, _mm512_maskz_loadu_epi64(mask, qs[i] + w))));
+  }
+  for (int i = 0; i < NQ; ++i) out[i] = static_cast<int32_t>(_mm512_reduce_add_epi64(acc[i]));
+}
+#else
+template <int NQ>
+inline void block_distances(const uint64_t* const* qs, const uint64_t* row, int64_t words, int32_t* out) {
+  int64_t acc[NQ] = {0};
+  for (int64_t w = 0; w < words; ++w) {
+    const uint64_t m = row[w];
+    for (int i = 0; i < NQ; ++i) acc[i] += __builtin_popcountll(m ^ qs[i][w]);
+  }
+  for (int i = 0; i < NQ; ++i) out[i] = static_cast<int32_t>(acc[i]);
+}
+#endif
+
+// Calls fn(first_query, n, distances) for rows r in [r0, r1) and queries [q0, q1), in
+// sub-blocks of 8/4/2/1 queries so a single query does not pay for eight.
+template <typename Fn>
+inline void scan_rows(const uint64_t* q, const uint64_t* mem, int64_t words, int64_t q0, int64_t q1,
+                      int64_t r0, int64_t r1, Fn&& fn) {
+  int64_t i = q0;
+  while (i < q1) {
+    const int64_t left = q1 - i;
+    const int nq = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    const uint64_t* qs[8];
+    for (int j = 0; j < nq; ++j) qs[j] = q + (i + j) * words;
+    int32_t d[8];
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint64_t* row = mem + r * words;
+      switch (nq) {
+        case 8: block_distances<8>(qs, row, words, d); break;
+        case 4: block_distances<4>(qs, row, words, d); break;
+        case 2: block_distances<2>(qs, row, words, d); break;
+        default: block_distances<1>(qs, row, words, d); break;
+      }
+      for (int j = 0; j < nq; ++j) fn(i + j, r, d[j]);
+    }
+    i += nq;
+  }
+}
+
+// Sorted (ascending by (dist, idx)) list of at most k entries. Rows arrive in increasing
+// index order within one list, so a strict < keeps ties on the lower index.
+struct TopK {
+  int32_t* dist;
+  int64_t* idx;
+  int64_t k;
+  inline void reset() {
+    for (int64_t i = 0; i < k; ++i) {
+      dist[i] = kPadDist;
+      idx[i] = -1;
+    }
+  }
+  inline void push(int32_t d, int64_t row) {
+    if (d >= dist[k - 1]) return;
+    int64_t pos = k - 1;
+    while (pos > 0 && dist[pos - 1] > d) {
+      dist[pos] = dist[pos - 1];
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    dist[pos] = d;
+    idx[pos] = row;
+  }
+};
+
+// First segment whose row range contains `row` (offsets is non-decreasing, offsets[0] = 0).
+inline int64_t segment_of(const int64_t* offsets, int64_t n_seg, int64_t row) {
+  const int64_t* it = std::upper_bound(offsets, offsets + n_seg + 1, row);
+  return static_cast<int64_t>(it - offsets) - 1;
+}
+
+}  // namespace
+
+// Outputs are allocated by the caller (kernels/_alloc.py) so tests can poison them.
+// `parallel_work`: below this many (query, row, word) triples a scan runs on the calling
+// thread (see cpp_backend.PARALLEL_WORK for why).
+void hamming_cpu(torch::Tensor query, torch::Tensor memory, torch::Tensor out, int64_t parallel_work) {
+  const int64_t b = query.size(0), m = memory.size(0), words = query.size(1);
+  const auto* q = reinterpret_cast<const uint64_t*>(query.data_ptr<int64_t>());
+  const auto* mem = reinterpret_cast<const uint64_t*>(memory.data_ptr<int64_t>());
+  int32_t* o = out.data_ptr<int32_t>();
+  const int64_t qblocks = (b + kQueryBlock - 1) / kQueryBlock;
+  const int64_t row_chunk = 256;
+  const int64_t rchunks = (m + row_chunk - 1) / row_chunk;
+  const int64_t grain = b * m * words < parallel_work ? std::max<int64_t>(1, qblocks * rchunks) : 1;
+  at::parallel_for(0, qblocks * rchunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = t / rchunks, rc = t % rchunks;
+      const int64_t q0 = qb * kQueryBlock, q1 = std::min(b, q0 + kQueryBlock);
+      const int64_t r0 = rc * row_chunk, r1 = std::min(m, r0 + row_chunk);
+      scan_rows(q, mem, words, q0, q1, r0, r1, [&](int64_t i, int64_t r, int32_t d) { o[i * m + r] = d; });
+    }
+  });
+}
+
+// Per query and segment, the k nearest rows. Work is split into tiles of (query block,
+// row chunk); each tile keeps its own partial top-k lists (in the output itself when there
+// is a single chunk), and partial lists are merged by (dist, idx) afterwards.
+// dist (B,S,k) int32 and idx (B,S,k) int64 are outputs.
+void segmented_topk_cpu(torch::Tensor query, torch::Tensor memory, torch::Tensor offsets,
+                        torch::Tensor dist, torch::Tensor idx, int64_t parallel_work) {
+  const int64_t b = query.size(0), m = memory.size(0), words = query.size(1);
+  const int64_t n_seg = offsets.size(0) - 1, k = dist.size(2);
+  const auto* q = reinterpret_cast<const uint64_t*>(query.data_ptr<int64_t>());
+  const auto* mem = reinterpret_cast<const uint64_t*>(memory.data_ptr<int64_t>());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+
+  const int64_t qblocks = (b + kQueryBlock - 1) / kQueryBlock;
+  const int64_t threads = at::get_num_threads();
+  // Enough row chunks that every thread has work even for one query, but no chunk
+  // smaller than 512 rows (merging costs more than it saves below that).
+  int64_t chunks = std::max<int64_t>(1, (2 * threads + qblocks - 1) / qblocks);
+  chunks = std::min<int64_t>(chunks, std::max<int64_t>(1, m / 512));
+  const bool serial = b * m * words < parallel_work;
+  if (serial) chunks = 1;
+
+  std::vector<int32_t> part_d;
+  std::vector<int64_t> part_i;
+  int32_t* pd = dist.data_ptr<int32_t>();
+  int64_t* pi = idx.data_ptr<int64_t>();
+  if (chunks > 1) {
+    part_d.resize(static_cast<size_t>(chunks * b * n_seg * k));
+    part_i.resize(part_d.size());
+    pd = part_d.data();
+    pi = part_i.data();
+  }
+  const int64_t part_stride = b * n_seg * k;  // one chunk's lists
+
+  at::parallel_for(0, qblocks * chunks, serial ? qblocks * chunks : 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = t / chunks, c = t % chunks;
+      const int64_t q0 = qb * kQueryBlock, q1 = std::min(b, q0 + kQueryBlock);
+      const int64_t r0 = m * c / chunks, r1 = m * (c + 1) / chunks;
+      int32_t* cd = pd + c * part_stride;
+      int64_t* ci = pi + c * part_stride;
+      for (int64_t i = q0; i < q1; ++i)
+        for (int64_t s = 0; s < n_seg; ++s) TopK{cd + (i * n_seg + s) * k, ci + (i * n_seg + s) * k, k}.reset();
+      if (r0 >= r1) continue;
+      for (int64_t s = segment_of(off, n_seg, r0); s < n_seg && off[s] < r1; ++s) {
+        const int64_t lo = std::max(off[s], r0), hi = std::min(off[s + 1], r1);
+        scan_rows(q, mem, words, q0, q1, lo, hi, [&](int64_t i, int64_t r, int32_t d) {
+          const int64_t slot = (i * n_seg + s) * k;
+          TopK{cd + slot, ci + slot, k}.push(d, r);
+        });
+      }
+    }
+  });
+
+  if (chunks > 1) {
+    // Chunks cover increasing row ranges, so pushing chunk 0's list, then chunk 1's, ...
+    // preserves the lower-index tie-break.
+    int32_t* od = dist.data_ptr<int32_t>();
+    int64_t* oi = idx.data_ptr<int64_t>();
+    at::parallel_for(0, b * n_seg, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t l = begin; l < end; ++l) {
+        TopK out{od + l * k, oi + l * k, k};
+        out.reset();
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int32_t* cd = pd + c * part_stride + l * k;
+          const int64_t* ci = pi + c * part_stride + l * k;
+          for (int64_t j = 0; j < k && ci[j] >= 0; ++j) out.push(cd[j], ci[j]);
+        }
+      }
+    });
+  }
+}
+
+template <typename scalar_t>
+static void pack_rows(const scalar_t* x, int64_t d, int64_t words, uint64_t* out) {
+  for (int64_t w = 0; w < words; ++w) {
+    const int64_t base = w * 64, n = std::min<int64_t>(64, d - base);
+    uint64_t bits = 0;
+    for (int64_t j = 0; j < n; ++j) bits |= static_cast<uint64_t>(x[base + j] > 0) << j;
+    out[w] = bits;
+  }
+}
+
+void pack_bits_cpu(torch::Tensor x, torch::Tensor out) {
+  const int64_t n = x.size(0), d = x.size(1), words = (d + 63) / 64;
+  auto* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pack_bits_cpu", [&] {
+    const scalar_t* p = x.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) pack_rows(p + i * d, d, words, o + i * words);
+    });
+  });
+}
+
+// In-place unnormalised fast Walsh-Hadamard transform (Sylvester order) of length p.
+static inline void fwht(float* v, int64_t p) {
+  for (int64_t h = 1; h < p; h <<= 1) {
+    for (int64_t i = 0; i < p; i += 2 * h) {
+      float* a = v + i;
+      float* c = v + i + h;
+      for (int64_t j = 0; j < h; ++j) {
+        const float x = a[j], y = c[j];
+        a[j] = x + y;
+        c[j] = x - y;
+      }
+    }
+  }
+}
+
+// sign(H D2 H D1 pad(x)) per round, concatenated, cut to `dim`, plus optional bias, packed.
+// features (B,F) float32, signs (R,2,P) float32 of +-1, bias (dim,) float32 or empty.
+// The float hypervector lives only in a P-float scratch buffer per thread.
+void hadamard_project_pack_cpu(torch::Tensor features, torch::Tensor signs, torch::Tensor bias,
+                               int64_t dim, torch::Tensor out) {
+  const int64_t b = features.size(0), f = features.size(1);
+  const int64_t rounds = signs.size(0), p = signs.size(2), words = (dim + 63) / 64;
+  const float* x = features.data_ptr<float>();
+  const float* sg = signs.data_ptr<float>();
+  const float* bs = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  auto* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(static_cast<size_t>(p));
+    float* v = buf.data();
+    for (int64_t i = begin; i < end; ++i) {
+      const float* xi = x + i * f;
+      uint64_t* oi = o + i * words;
+      for (int64_t r = 0; r < rounds; ++r) {
+        const float* s1 = sg + (r * 2) * p;
+        const float* s2 = s1 + p;
+        for (int64_t j = 0; j < f; ++j) v[j] = xi[j] * s1[j];
+        std::fill(v + f, v + p, 0.0f);
+        fwht(v, p);
+        for (int64_t j = 0; j < p; ++j) v[j] *= s2[j];
+        fwht(v, p);
+        // p is a multiple of 64, so round r fills whole words starting at r*p/64.
+        const int64_t c0 = r * p;
+        for (int64_t w = 0; w < p / 64; ++w) {
+          const int64_t base = c0 + w * 64;
+          if (base >= dim) break;
+          const int64_t n = std::min<int64_t>(64, dim - base);
+          uint64_t bits = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            const float h = bs ? v[w * 64 + j] + bs[base + j] : v[w * 64 + j];
+            bits |= static_cast<uint64_t>(h > 0) << j;
+          }
+          oi[base / 64] = bits;
+        }
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("hamming", &hamming_cpu, "packed Hamming distances (B,M) int32");
+  m.def("segmented_topk", &segmented_topk_cpu, "per-segment Hamming top-k");
+  m.def("pack_bits", &pack_bits_cpu, "pack (N,D) float rows into (N,W) int64");
+  m.def("hadamard_project_pack", &hadamard_project_pack_cpu, "structured sign projection, packed");
+}
