@@ -127,12 +127,17 @@ class TorchBackend:
         device: str = "cpu",
     ) -> TorchBackend:
         module, sha = build_feature_module(layers, weights)
-        spec = FeatureSpec(input_size=input_size, layers=module.layers, dims=module.dims, weights_sha256=sha)
+        spec = FeatureSpec(
+            input_size=input_size, layers=module.layers, dims=module.dims, weights_sha256=sha
+        )
         return cls(module, spec, device)
 
     @classmethod
     def from_module(
-        cls, module: nn.Module | str | Path, input_size: int = DEFAULT_INPUT_SIZE, device: str = "cpu"
+        cls,
+        module: nn.Module | str | Path,
+        input_size: int = DEFAULT_INPUT_SIZE,
+        device: str = "cpu",
     ) -> TorchBackend:
         """Wrap a user's torch module or TorchScript file; infers the feature width."""
         if isinstance(module, (str, Path)):

@@ -75,7 +75,9 @@ class MobileNetV2(nn.Module):
                 input_channel = out
         features.append(ConvBNReLU6(input_channel, self.last_channel, kernel=1))
         self.features = nn.Sequential(*features)
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.last_channel, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(self.last_channel, num_classes)
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -21,7 +21,9 @@ def validate_frames(frames: np.ndarray | torch.Tensor, *, name: str = "frames") 
     if isinstance(frames, torch.Tensor):
         frames = frames.detach().cpu().numpy()
     if not isinstance(frames, np.ndarray):
-        raise InputError(f"{name} must be a numpy array or torch tensor, got {type(frames).__name__}")
+        raise InputError(
+            f"{name} must be a numpy array or torch tensor, got {type(frames).__name__}"
+        )
     if frames.ndim not in (3, 4):
         raise InputError(
             f"{name} must have rank 3 (N,H,W) or 4 (N,H,W,C), got rank {frames.ndim} "
@@ -30,7 +32,9 @@ def validate_frames(frames: np.ndarray | torch.Tensor, *, name: str = "frames") 
     if frames.shape[0] == 0:
         raise InputError(f"{name} is an empty batch (zero frames)")
     if frames.ndim == 4 and frames.shape[3] not in (1, 3, 4):
-        raise InputError(f"{name} must have 1, 3 or 4 channels last, got shape {tuple(frames.shape)}")
+        raise InputError(
+            f"{name} must have 1, 3 or 4 channels last, got shape {tuple(frames.shape)}"
+        )
     if frames.shape[1] < 2 or frames.shape[2] < 2:
         raise InputError(f"{name} frames are too small: shape {tuple(frames.shape)}")
     if frames.dtype == np.uint8:
@@ -71,7 +75,11 @@ def preprocess(
     if x.shape[2] != input_size or x.shape[3] != input_size:
         downscale = x.shape[2] > input_size or x.shape[3] > input_size
         x = F.interpolate(
-            x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=downscale
+            x,
+            size=(input_size, input_size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=downscale,
         )
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
