@@ -63,7 +63,10 @@ def preprocess(
 ) -> torch.Tensor:
     """Validated frames → float32 (N,3,S,S), resized bilinearly and normalised."""
     arr = validate_frames(frames)
-    x = torch.from_numpy(np.ascontiguousarray(arr))
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # torch warns on read-only buffers (e.g. cached datasets)
+        arr = arr.copy()
+    x = torch.from_numpy(arr)
     x = x.float() / 255.0 if arr.dtype == np.uint8 else x.float()
     if x.ndim == 3:
         x = x.unsqueeze(-1)
