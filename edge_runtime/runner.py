@@ -272,7 +272,16 @@ def run_stream(
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "interrupted": interrupted,
             "adaptors": len(rt.domains),
-            "adaptors_created": sum(1 for e in events if e["type"] == "adaptation_finished"),
+            "adaptors_created": sum(
+                1
+                for e in events
+                if e["type"] == "adaptation_finished" and e.get("action", "new") == "new"
+            ),
+            "adaptor_versions_added": sum(
+                1
+                for e in events
+                if e["type"] == "adaptation_finished" and e.get("action") == "extend"
+            ),
             "returns": sum(1 for e in events if e["type"] == "domain_returned"),
             "rejected_events": sum(1 for e in events if e["type"] == "frame_rejected"),
             "errors": sum(1 for e in events if e["type"] == "error"),
@@ -288,7 +297,9 @@ def run_stream(
         seg["new_adaptors"] = sum(
             1
             for e in events
-            if e["type"] == "adaptation_finished" and lo <= int(e.get("trigger_frame", -1)) < hi
+            if e["type"] == "adaptation_finished"
+            and e.get("action", "new") == "new"
+            and lo <= int(e.get("trigger_frame", -1)) < hi
         )
     metrics["checks"] = must_hold(metrics)
     metrics = _clean(metrics)

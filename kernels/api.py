@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from edge_runtime.kernels import _checks, cpu_ext, reference, torch_backend
@@ -102,6 +103,30 @@ def _impl(op: str, backend: str, device: torch.device):
     mod = _module(name)
     fn = getattr(mod, op, None)
     return fn if fn is not None else getattr(torch_backend, op)
+
+
+def unchecked(op: str, device: torch.device, backend: Backend = "auto") -> Callable[..., Any]:
+    """The backend function behind ``op`` for tensors on ``device``, without the API's checks.
+
+    For callers that validated their inputs once at their own boundary and call per frame
+    (the HDC memory bank): it takes the backend's positional signature (``bias``/``k``
+    included, no ``backend=``) and trusts shapes, dtypes, devices and offsets. Backend
+    choice follows :func:`resolve_backend` on every call, EDGE_RUNTIME_KERNEL_BACKEND included.
+    """
+    name = resolve_backend(backend, device)
+    if op == "segmented_hamming_topk" and backend == "auto" and name in ("cuda", "triton"):
+        # same k > 32 rule as segmented_hamming_topk; the caller's k is not known here
+        return functools.partial(_topk_any_k, name)
+    fn = getattr(_module(name), op, None)
+    return fn if fn is not None else getattr(torch_backend, op)
+
+
+def _topk_any_k(
+    name: str, query: torch.Tensor, memory: torch.Tensor, offsets: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if k > 32:
+        name = "triton" if k <= 64 and triton_importable() else "torch"
+    return _module(name).segmented_hamming_topk(query, memory, offsets.to(query.device), k)
 
 
 def pack_bits(x: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:

@@ -14,6 +14,8 @@ from edge_runtime.errors import BackendUnavailableError
 # other processes) waiting for a descheduled thread can cost a whole scheduler tick. One
 # frame against 10,000 exemplars at D = 10,000 (1.57 M triples) stays on one thread.
 PARALLEL_WORK = 1 << 21
+# "no bias" for the kernels (read-only there), made once rather than per frame
+_NO_BIAS = torch.empty(0, dtype=torch.float32)
 
 
 def _mod() -> ModuleType:
@@ -67,7 +69,7 @@ def sign_project_pack(
 def hadamard_project_pack(
     features: torch.Tensor, signs: torch.Tensor, dim: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    b = bias.float().contiguous() if bias is not None else torch.empty(0, dtype=torch.float32)
+    b = bias.float().contiguous() if bias is not None else _NO_BIAS
     out = _alloc.empty((features.shape[0], (dim + 63) // 64), torch.int64, features.device)
     _mod().hadamard_project_pack(
         features.float().contiguous(), signs.float().contiguous(), b, dim, out

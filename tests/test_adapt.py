@@ -194,3 +194,33 @@ def test_worker_done_failed_timeout_and_busy():
     assert res.status == "timeout" and res.value is None
     assert w.wait(5)  # the job saw the cancel event and ended
     assert w.poll() is None and w.status == "idle"
+
+
+def test_registry_adaptor_versions_rollback_and_replay_roundtrip(tmp_path):
+    from edge_runtime.adapt.replay import balanced_sample, merge_replay
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 300)
+    rx, ry = balanced_sample(x, y, per_class=20, seed=1)
+    assert np.bincount(ry).tolist() == [20, 20, 20] and rx.shape == (60, 8)
+    reg = DomainRegistry(max_adaptors=2)
+    reg.add(_adaptor([0, 1, 2]), origin="base", kind="base", replay=(rx, ry))
+    v1 = reg.get(0).adaptor
+    new = merge_replay((rx, ry), (x[:30], np.full(30, 7)), per_class=20)
+    d = reg.update_adaptor(0, _adaptor([0, 1, 2, 7], seed=5), replay=new)
+    assert d.version == 2 and d.labels == (0, 1, 2, 7) and d.history == [v1]
+    assert np.bincount(d.replay[1]).tolist()[-1] == 20  # the new class joined the buffer
+    tensors, meta = reg.to_state()
+    save_file(tensors, tmp_path / "reg.safetensors")
+    back = DomainRegistry.from_state(load_file(tmp_path / "reg.safetensors"), meta)
+    b = back.get(0)
+    assert b.version == 2 and b.labels == (0, 1, 2, 7)
+    np.testing.assert_array_equal(b.replay[0], d.replay[0])
+    np.testing.assert_array_equal(b.replay[1], d.replay[1])
+    np.testing.assert_array_equal(b.history[0].logits(x), v1.logits(x))
+    back.rollback(0)
+    assert back.get(0).labels == (0, 1, 2) and back.get(0).version == 1
+    np.testing.assert_array_equal(back.get(0).adaptor.logits(x), v1.logits(x))
+    with pytest.raises(InputError, match="no earlier adaptor version"):
+        back.rollback(0)

@@ -26,8 +26,8 @@ def test_defaults_match_the_documented_schema() -> None:
     cfg = load_config(None)
     assert cfg.device.name == "x86-dev"
     assert cfg.device.memory_budget_mb == 4096
-    assert cfg.encoder.precision == "fp32" and cfg.encoder.layers == [18]
-    assert cfg.hdc.dim == 10000 and cfg.hdc.packed is True
+    assert cfg.encoder.precision == "fp32" and cfg.encoder.layers == [3, 18]
+    assert cfg.hdc.dim == 4096 and cfg.hdc.projection == "hadamard" and cfg.hdc.packed is True
     assert cfg.drift.method == "cusum" and cfg.drift.false_alarm_rate == 1e-4
     assert cfg.adapt.label_budget == 200 and cfg.adapt.max_adaptors == 8
     assert cfg.fleet.port == 1883 and cfg.fleet.qos == 1 and cfg.fleet.topic_prefix == "edge"

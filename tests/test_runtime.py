@@ -34,7 +34,10 @@ def data() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     keep = rng.permutation(keep)
     tr, clean, shifted, back = keep[:600], keep[600:760], keep[760:960], keep[960:1040]
+    novel = rng.permutation(np.flatnonzero(y >= 6))[:200]
     return {
+        "novel_x": np.concatenate([x[clean], x[novel]]),
+        "novel_y": np.concatenate([y[clean], y[novel]]).astype(np.int64),
         "train_x": x[tr],
         "train_y": y[tr].astype(np.int64),
         "stream_x": np.concatenate([x[clean], corrupt(x[shifted], "fog", 4, 0), x[back]]),
@@ -124,6 +127,65 @@ def test_drift_labels_adaptation_and_return(encoder, data) -> None:
     assert not [
         e for e in events if e["type"] == "adaptation_finished" and e["trigger_frame"] >= 360
     ]
+
+
+def test_novel_classes_extend_the_base_domain_with_a_new_version(encoder, data) -> None:
+    rt = Runtime(CFG, encoder, background=False, novel_policy="extend")
+    rt.fit_base(data["train_x"], data["train_y"])
+    novel = {"stream_x": data["novel_x"], "stream_y": data["novel_y"]}
+    decs = _serve(rt, novel, 0, 160)
+    # 200 near-OOD frames at this tiny input size are too few for a reliable flag: ask for
+    # the adaptation as an operator would (same path as a monitor's novel_class flag).
+    rt.request_adaptation("novel_class")
+    decs += _serve(rt, novel, 160, len(novel["stream_x"]))
+    events = [e for d in decs for e in d.events]
+    flag = next(e for e in events if e["type"] in ("drift", "novel_class"))
+    assert flag["type"] == "novel_class" and flag["frame"] == 160
+    done = next(e for e in events if e["type"] == "adaptation_finished")
+    assert done["action"] == "extend" and done["domain"] == 0 and done["version"] == 2
+    # No new adaptor: the base domain predicts the union of labels; the old version is kept.
+    assert sorted(rt.domains) == [0]
+    base = rt.registry.get(0)
+    assert set(base.labels) == set(range(10)) and base.version == 2
+    assert len(base.history) == 1 and set(base.history[0].label_map) == set(range(6))
+    # The replay buffer now holds the new classes too (at most 50 a class).
+    ry = base.replay[1]
+    assert set(np.unique(ry).tolist()) >= {6, 7, 8, 9} and np.bincount(ry).max() <= 50
+    # After the extension the new classes are predicted (the old version never could: 0%),
+    # from 12 shots a class at this tiny input size.
+    at = done["frame"]
+    pred = np.concatenate([d.prediction for d in decs])[at:]
+    truth = novel["stream_y"][at:]
+    assert np.mean(pred[truth >= 6] == truth[truth >= 6]) > 0.3
+    rt.registry.rollback(0)
+    assert set(rt.registry.get(0).labels) == set(range(6)) and rt.registry.get(0).version == 1
+
+
+def test_bank_extend_domain_keeps_offsets_and_covers_new_classes(encoder, data) -> None:
+    from edge_runtime.hdc.bank import DomainMemoryBank
+
+    f = encoder.features(np.concatenate([data["train_x"][:300], data["novel_x"][160:]]))
+    base_x, base_y = f[:300], data["train_y"][:300]
+    new_x, new_y = f[300:], data["novel_y"][160:]
+    fog = encoder.features(data["stream_x"][160:280])
+    bank = DomainMemoryBank(dim=2048, k=5, layer_dims=tuple(encoder.spec.dims))
+    bank.add_domain(0, base_x, base_y)
+    bank.add_domain(1, fog, data["stream_y"][160:280])
+    before = bank.scores(new_x[120:])
+    off = bank.offsets.tolist()
+    thr = bank.extend_domain(0, new_x[:120], new_y[:120])
+    n_added = bank.offsets[1].item() - off[1]
+    assert 0 < n_added <= 120
+    assert bank.offsets.tolist() == [0, off[1] + n_added, off[2] + n_added]
+    assert thr == bank.thresholds[0] and thr <= bank.thresholds[0] + 1e-9
+    after = bank.scores(new_x[120:])
+    np.testing.assert_array_equal(after[:, 1], before[:, 1])  # the other domain is untouched
+    assert (after[:, 0] >= before[:, 0]).all() and after[:, 0].mean() > before[:, 0].mean()
+    # Held-out frames of the new classes are now mostly claimed by the extended domain.
+    assert np.mean(bank.calibrated_scores(new_x[120:])[:, 0] >= 0) > 0.7
+    assert set(bank.labels[: bank.offsets[1]].tolist()) >= {6, 7, 8, 9}
+    with pytest.raises(InputError, match="not in the memory bank"):
+        bank.extend_domain(5, new_x[:4], new_y[:4])
 
 
 def test_save_load_gives_identical_decisions(encoder, data, tmp_path) -> None:

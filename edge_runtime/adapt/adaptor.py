@@ -206,6 +206,7 @@ def train_adaptor(
     fit_normalizer: bool = True,
     cancel: threading.Event | None = None,
     threads: int | None = 1,
+    sample_weight: np.ndarray | None = None,
 ) -> TrainReport:
     """Full-batch Adam on (features, global labels); deterministic for a given ``seed``.
 
@@ -221,8 +222,14 @@ def train_adaptor(
     if y_np.ndim != 1 or len(y_np) != len(x) or len(x) == 0:
         raise InputError(f"labels must have shape ({len(x)},) matching features, got {y_np.shape}")
     y = torch.from_numpy(adaptor.to_local(y_np))
+    w = None
+    if sample_weight is not None:
+        w_np = np.asarray(sample_weight, dtype=np.float32)
+        if w_np.shape != (len(x),) or not np.isfinite(w_np).all() or (w_np < 0).any():
+            raise InputError(f"sample_weight must be ({len(x)},) finite and >= 0")
+        w = torch.from_numpy(w_np / max(float(w_np.sum()), 1e-12))
     with _torch_threads(threads):
-        return _train(adaptor, x, y, steps, lr, weight_decay, seed, fit_normalizer, cancel)
+        return _train(adaptor, x, y, steps, lr, weight_decay, seed, fit_normalizer, cancel, w)
 
 
 @contextmanager
@@ -249,13 +256,15 @@ def _train(
     seed: int,
     fit_normalizer: bool,
     cancel: threading.Event | None,
+    weight: torch.Tensor | None = None,
 ) -> TrainReport:
     t0 = time.perf_counter()
     if fit_normalizer:
         adaptor.fit_normalizer(x)
     adaptor.train()
     opt = torch.optim.Adam(adaptor.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
+    # Per-row weights (normalised to sum 1) = repeating rows, at the cost of one copy.
+    loss_fn = nn.CrossEntropyLoss(reduction="none" if weight is not None else "mean")
     loss = torch.tensor(float("nan"))
     done, stopped = 0, False
     with torch.random.fork_rng(devices=[]):
@@ -266,6 +275,8 @@ def _train(
                 break
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(adaptor(x), y)
+            if weight is not None:
+                loss = (loss * weight).sum()
             loss.backward()
             opt.step()
             done += 1

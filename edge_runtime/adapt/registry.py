@@ -4,7 +4,14 @@
 enforced on :meth:`DomainRegistry.add`: with ``eviction="refuse"`` a full registry raises
 :class:`RegistryFullError`; with ``eviction="oldest"`` the oldest drift-grown domain (never the
 base) is removed and reported as an :class:`EvictionEvent`. The registry serialises to a flat
-tensor dict (safetensors-compatible keys ``domain.<id>.<param>``) plus JSON-able metadata.
+tensor dict (safetensors-compatible keys ``domain.<id>.<param>``; earlier adaptor versions under
+``history.<id>.<version>.<param>``; replay buffers under ``replay.<id>.features|labels``) plus
+JSON-able metadata.
+
+A domain's adaptor can be replaced by a new version (e.g. one that also predicts new classes);
+:meth:`DomainRegistry.update_adaptor` keeps the previous versions so
+:meth:`DomainRegistry.rollback` can restore them. Each domain may hold a small class-balanced
+replay buffer of encoder features (see :mod:`edge_runtime.adapt.replay`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from edge_runtime.adapt.adaptor import Adaptor
@@ -36,6 +44,20 @@ class Domain:
     origin: str = "base"  # "base" | "drift"
     kind: str = "base"  # "base" | "domain_shift" | "novel_class" | "shipped" ...
     metadata: dict[str, Any] = field(default_factory=dict)
+    history: list[Adaptor] = field(default_factory=list)  # earlier adaptor versions, oldest first
+    replay_features: np.ndarray | None = None  # (R, F) float32 class-balanced sample
+    replay_labels: np.ndarray | None = None  # (R,) int64 global labels
+
+    @property
+    def version(self) -> int:
+        """1 for the first adaptor, +1 per :meth:`DomainRegistry.update_adaptor`."""
+        return len(self.history) + 1
+
+    @property
+    def replay(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.replay_features is None or self.replay_labels is None:
+            return None
+        return self.replay_features, self.replay_labels
 
     def __post_init__(self) -> None:
         if self.origin not in ORIGINS:
@@ -53,6 +75,9 @@ class Domain:
             "kind": self.kind,
             "metadata": self.metadata,
             "adaptor": self.adaptor.describe(),
+            "version": self.version,
+            "history": [a.describe() for a in self.history],
+            "replay": 0 if self.replay_labels is None else len(self.replay_labels),
         }
 
 
@@ -118,6 +143,7 @@ class DomainRegistry:
         kind: str = "domain_shift",
         metadata: dict[str, Any] | None = None,
         domain_id: int | None = None,
+        replay: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[Domain, list[EvictionEvent]]:
         """Register a new domain; returns it and any domains evicted to make room."""
         did = self._next_id if domain_id is None else int(domain_id)
@@ -151,9 +177,36 @@ class DomainRegistry:
             kind=kind,
             metadata=dict(metadata or {}),
         )
+        if replay is not None:
+            domain.replay_features, domain.replay_labels = _replay_arrays(*replay)
         self._domains[did] = domain
         self._next_id = max(self._next_id, did + 1)
         return domain, events
+
+    def update_adaptor(
+        self,
+        domain_id: int,
+        adaptor: Adaptor,
+        *,
+        replay: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> Domain:
+        """Install a new adaptor version for a domain; the previous one goes to its history."""
+        domain = self.get(domain_id)
+        domain.history.append(domain.adaptor)
+        domain.adaptor = adaptor
+        domain.labels = tuple(int(v) for v in adaptor.label_map)
+        if replay is not None:
+            domain.replay_features, domain.replay_labels = _replay_arrays(*replay)
+        return domain
+
+    def rollback(self, domain_id: int) -> Domain:
+        """Restore a domain's previous adaptor version (InputError if it has none)."""
+        domain = self.get(domain_id)
+        if not domain.history:
+            raise InputError(f"domain {domain.id} has no earlier adaptor version to roll back to")
+        domain.adaptor = domain.history.pop()
+        domain.labels = tuple(int(v) for v in domain.adaptor.label_map)
+        return domain
 
     def remove(self, domain_id: int) -> Domain:
         domain = self.get(domain_id)
@@ -167,6 +220,12 @@ class DomainRegistry:
         for d in self.list():
             for key, t in d.adaptor.state_dict().items():
                 tensors[f"domain.{d.id}.{key}"] = t.detach().cpu().contiguous().clone()
+            for v, old in enumerate(d.history, start=1):
+                for key, t in old.state_dict().items():
+                    tensors[f"history.{d.id}.{v}.{key}"] = t.detach().cpu().contiguous().clone()
+            if d.replay is not None:
+                tensors[f"replay.{d.id}.features"] = torch.from_numpy(d.replay[0].copy())
+                tensors[f"replay.{d.id}.labels"] = torch.from_numpy(d.replay[1].copy())
         meta = {
             "max_adaptors": self.max_adaptors,
             "eviction": self.eviction,
@@ -193,8 +252,25 @@ class DomainRegistry:
                     kind=rec["kind"],
                     metadata=dict(rec.get("metadata", {})),
                 )
+                for v, desc in enumerate(rec.get("history", []), start=1):
+                    hp = f"history.{rec['id']}.{v}."
+                    hstate = {k[len(hp) :]: t for k, t in tensors.items() if k.startswith(hp)}
+                    domain.history.append(Adaptor.from_state(desc, hstate))
+                rk = f"replay.{rec['id']}."
+                if rk + "features" in tensors:
+                    domain.replay_features, domain.replay_labels = _replay_arrays(
+                        tensors[rk + "features"].numpy(), tensors[rk + "labels"].numpy()
+                    )
                 reg._domains[domain.id] = domain
             reg._next_id = int(meta["next_id"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"domain registry metadata is malformed: {exc!r}") from exc
         return reg
+
+
+def _replay_arrays(features: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    x = np.ascontiguousarray(np.asarray(features, dtype=np.float32))
+    y = np.ascontiguousarray(np.asarray(labels, dtype=np.int64))
+    if x.ndim != 2 or y.shape != (len(x),):
+        raise InputError(f"replay features {x.shape} and labels {y.shape} do not match")
+    return x, y

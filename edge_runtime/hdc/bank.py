@@ -22,8 +22,19 @@ import torch
 from edge_runtime import kernels
 from edge_runtime.errors import CheckpointError, InputError
 from edge_runtime.hdc.base import check_labels, threshold_for_tpr
-from edge_runtime.hdc.memory import knn_similarity, knn_vote, segmented_topk, select_exemplars
+from edge_runtime.hdc.memory import (
+    _QUERY_CHUNK,
+    knn_similarity,
+    knn_similarity_np,
+    knn_vote,
+    segmented_topk,
+    select_exemplars,
+)
 from edge_runtime.hdc.projection import HypervectorEncoder, check_features
+
+# Up to this many frames a query is one unchecked kernel call: the same call, so the same
+# bits, as ``segmented_topk`` makes for its single chunk.
+_FAST_BATCH = _QUERY_CHUNK
 
 
 @dataclass
@@ -207,13 +218,19 @@ class DomainMemoryBank:
     def _query(self, features: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.domain_ids:
             raise InputError("the memory bank holds no domains: add_domain first")
+        # Validated once here; past this point the encoder and kernels take the unchecked
+        # paths (packed/offsets are built by this class and checked on load_state_dict).
         x = check_features(features, self.encoder.in_features)
-        return segmented_topk(self.encoder.encode_packed(x), self.packed, self.offsets, self.k)
+        q = self.encoder.encode_packed_checked(x)
+        if len(q) <= _FAST_BATCH and q.device.type == "cpu":
+            topk = kernels.api.unchecked("segmented_hamming_topk", q.device)
+            return topk(q, self.packed, self.offsets, self.k)
+        return segmented_topk(q, self.packed, self.offsets, self.k)
 
     def scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N,S) float32 raw k-NN similarity to each domain (columns follow ``domain_ids``)."""
         dist, _ = self._query(features)
-        return knn_similarity(dist, self.dim, self.reduce).numpy()
+        return knn_similarity_np(dist, self.dim, self.reduce)
 
     def calibrated_scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N,S) float32 score minus each domain's threshold: >= 0 means in-distribution there."""
@@ -222,7 +239,7 @@ class DomainMemoryBank:
     def route(self, features: np.ndarray | torch.Tensor) -> Routing:
         """Best domain per frame (-1 if every calibrated score is < 0) and its k-NN class."""
         dist, rows = self._query(features)
-        cal = knn_similarity(dist, self.dim, self.reduce).numpy() - np.asarray(
+        cal = knn_similarity_np(dist, self.dim, self.reduce) - np.asarray(
             self.thresholds, dtype=np.float32
         )
         best = cal.argmax(axis=1)

@@ -59,6 +59,8 @@ def segmented_topk(
     queries: torch.Tensor, memory: torch.Tensor, offsets: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``kernels.segmented_hamming_topk`` over query chunks: (B,S,k) distances and rows."""
+    if len(queries) <= _QUERY_CHUNK:  # one chunk: no copy through torch.cat
+        return kernels.segmented_hamming_topk(queries, memory, offsets, k)
     d, i = [], []
     for s in range(0, len(queries), _QUERY_CHUNK):
         dd, ii = kernels.segmented_hamming_topk(queries[s : s + _QUERY_CHUNK], memory, offsets, k)
@@ -87,6 +89,25 @@ def knn_similarity(dist: torch.Tensor, dim: int, reduce: str = "kth") -> torch.T
         raise InputError(f"unknown k-NN reduce {reduce!r}: use 'kth' or 'mean'")
     out = torch.where(n_valid > 0, out, torch.full_like(out, float("-inf")))
     return out.to(torch.float32)
+
+
+def knn_similarity_np(dist: torch.Tensor, dim: int, reduce: str = "kth") -> np.ndarray:
+    """:func:`knn_similarity` as a numpy array, bit for bit, cheaper for small CPU batches.
+
+    When no neighbour is missing (the usual case: every segment holds at least k rows),
+    ``1 - 2·d/D`` and the k-th pick are single IEEE float64 operations per element, so
+    numpy gives torch's bits; the mean keeps torch's own sum (its reduction order) over
+    the same contiguous (B,S,k) array. Anything else takes :func:`knn_similarity`.
+    """
+    if dist.device.type == "cpu" and dist.ndim == 3 and dist.shape[2] > 0:
+        d = dist.numpy()
+        if reduce in ("kth", "mean") and bool((d != PAD_DISTANCE).all()):
+            if reduce == "kth":
+                return (1.0 - 2.0 * d[:, :, -1].astype(np.float64) / dim).astype(np.float32)
+            sim = 1.0 - 2.0 * d.astype(np.float64) / dim
+            total = torch.from_numpy(sim).sum(dim=2).numpy()
+            return (total / d.shape[2]).astype(np.float32)
+    return knn_similarity(dist, dim, reduce).numpy()
 
 
 def knn_vote(

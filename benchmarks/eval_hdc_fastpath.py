@@ -1,0 +1,200 @@
+"""Does the fast HDC path keep the quality of the float cosine path? (the kernels issue's bar)
+
+    python benchmarks/eval_hdc_fastpath.py [--quick] [--out benchmarks/out]
+
+On the ``fashion-drift`` stream, with the runtime's encoder and HDC settings, two paths see
+the same exemplars and the same calibration frames of every domain:
+
+  fast   structured Hadamard sign projection → bit-packed exemplars → Hamming k-NN
+         (``DomainMemoryBank``, the runtime's path, through ``edge_runtime.kernels``)
+  float  dense Gaussian projection → real MAP hypervectors (torchhd) → cosine k-NN
+
+Domains: the base (training set) and one per shift segment (its first 200 frames after a
+10-frame detection delay, as the runtime would collect them). Reported: near-OOD AUROC (base
+eval frames vs the novel-class segment's eval frames, scored by the base memory alone, as
+before adapting), far-OOD AUROC (base vs MNIST eval frames), and the fraction of eval frames
+whose routing decision (argmax of calibrated scores, or OOD) is identical between paths.
+Bar: AUROC within 0.5 point, routing at least 99% identical. Writes ``hdc_fastpath.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchhd
+
+from edge_runtime.cli.demo import cached_scenario
+from edge_runtime.config import load_config
+from edge_runtime.data import load_stream
+from edge_runtime.encoder import Encoder, TorchBackend
+from edge_runtime.encoder.cache import cached_features
+from edge_runtime.hdc.bank import DomainMemoryBank
+from edge_runtime.hdc.base import threshold_for_tpr
+from edge_runtime.hdc.memory import select_exemplars
+from edge_runtime.hdc.metrics import auroc
+from edge_runtime.hdc.projection import HypervectorEncoder
+
+SHOTS, DELAY = 200, 10
+
+
+class FloatCosineBank:
+    """The float reference: same splits as ``DomainMemoryBank.add_domain``, cosine k-NN."""
+
+    def __init__(self, bank: DomainMemoryBank):
+        e = bank.encoder
+        self.encoder = HypervectorEncoder(
+            dim=e.dim,
+            layer_dims=e.layer_dims,
+            layer_weights=e.layer_weights,
+            early_weight=e.early_weight,
+            center=e.center,
+            seed=e.seed,
+            projection="gaussian",
+        )
+        self.k, self.tpr, self.seed = bank.k, bank.tpr, bank.seed
+        self.max_exemplars, self.calib_fraction = bank.max_exemplars, bank.calib_fraction
+        self.memories: list[torchhd.MAPTensor] = []
+        self.thresholds: list[float] = []
+
+    def _score(self, hv: torchhd.MAPTensor, memory: torchhd.MAPTensor) -> np.ndarray:
+        out = []
+        for i in range(0, len(hv), 1024):
+            sim = torchhd.cosine_similarity(hv[i : i + 1024], memory)
+            k = min(self.k, memory.shape[0])
+            out.append(torch.topk(sim, k, dim=1).values.mean(dim=1))
+        return torch.cat(out).numpy()
+
+    def add_domain(self, domain_id: int, x: np.ndarray, y: np.ndarray) -> None:
+        if self.encoder.in_features is None:
+            self.encoder.fit(x)
+        perm = np.random.default_rng(self.seed + domain_id).permutation(len(x))
+        n_cal = max(1, round(self.calib_fraction * len(x)))
+        cal, fit = perm[:n_cal], perm[n_cal:]
+        keep = select_exemplars(y[fit], self.max_exemplars, self.seed + domain_id)
+        memory = self.encoder.encode_float(x[fit][keep])
+        self.memories.append(memory)
+        calib = self._score(self.encoder.encode_float(x[cal]), memory)
+        self.thresholds.append(threshold_for_tpr(calib, self.tpr))
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        hv = self.encoder.encode_float(x)
+        return np.stack([self._score(hv, m) for m in self.memories], axis=1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="fashion-drift-mini")
+    ap.add_argument("--out", default="benchmarks/out")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(None)
+    scenario = "fashion-drift-mini" if args.quick else "fashion-drift"
+    stream = load_stream(cached_scenario(scenario))
+    enc = Encoder(
+        TorchBackend.mobilenet(input_size=cfg.encoder.input_size, layers=cfg.encoder.layers)
+    )
+    f_train = cached_features(enc, stream.train_images, "train", progress=True)
+    f_stream = cached_features(enc, stream.images, "stream", progress=True)
+    f_eval = cached_features(enc, stream.eval_images, "eval", progress=True)
+
+    h = cfg.hdc
+    fast = DomainMemoryBank(
+        dim=h.dim,
+        k=h.k,
+        max_exemplars=h.max_exemplars,
+        tpr=h.tpr,
+        layer_dims=tuple(enc.spec.dims),
+        early_weight=h.early_weight,
+        seed=h.seed,
+        projection="hadamard",
+    )
+    ref = FloatCosineBank(fast)
+    shots = min(SHOTS, int(np.bincount(stream.segment).min()) - DELAY)
+    domains = {0: (f_train, stream.train_labels)}
+    for s in np.flatnonzero(stream.segment_is_shift):
+        if not stream.is_novel[stream.segment == s].any():  # a return: no new domain
+            continue
+        idx = np.flatnonzero(stream.segment == s)[DELAY : DELAY + shots]
+        domains[int(s)] = (f_stream[idx], stream.labels[idx])
+    timings = {}
+    for name, bank in (("fast", fast), ("float", ref)):
+        t0 = time.perf_counter()
+        for d, (x, y) in domains.items():
+            bank.add_domain(d, x, y)
+        timings[name] = {"build_s": time.perf_counter() - t0}
+
+    seg = stream.eval_segment
+    base = seg == 0
+    base_labels = set(stream.train_labels.tolist())
+
+    def labels_of(s: int) -> set[int]:
+        return set(stream.labels[stream.segment == s].tolist())
+
+    # near OOD: new Fashion classes (ids < 10) unseen in training; far OOD: MNIST (ids >= 10)
+    novel_seg = next(
+        (s for s in domains if s and not labels_of(s) & base_labels and max(labels_of(s)) < 10),
+        None,
+    )
+    far_seg = next((s for s in domains if s and min(labels_of(s)) >= 10), None)
+    rows = {}
+    ids = np.asarray(list(domains), dtype=np.int64)
+    for name, bank in (("fast", fast), ("float", ref)):
+        t0 = time.perf_counter()
+        raw = bank.scores(f_eval)
+        timings[name]["score_s"] = time.perf_counter() - t0
+        cal = raw - np.asarray(bank.thresholds, dtype=np.float32)
+        best = cal.argmax(axis=1)
+        route = np.where(cal[np.arange(len(cal)), best] >= 0, ids[best], -1)
+        base_score = raw[:, 0]
+        row = {"route": route, "domain": ids[best]}
+        for key, s in (("near_auroc", novel_seg), ("far_auroc", far_seg)):
+            if s is not None:
+                ood = seg == s
+                row[key] = auroc(base_score[base], base_score[ood])
+        rows[name] = row
+    # routing = the domain a frame is sent to; the in/out decision near a threshold is
+    # reported apart, since any change of score flips frames that sit right on it.
+    same = float(np.mean(rows["fast"]["domain"] == rows["float"]["domain"]))
+    same_decision = float(np.mean(rows["fast"]["route"] == rows["float"]["route"]))
+    result = {
+        "scenario": scenario,
+        "encoder_layers": list(cfg.encoder.layers),
+        "hdc": {"dim": h.dim, "k": h.k, "max_exemplars": h.max_exemplars, "tpr": h.tpr},
+        "domains": {int(d): len(v[1]) for d, v in domains.items()},
+        "near_ood_segment": novel_seg,
+        "far_ood_segment": far_seg,
+        "fast": {k: v for k, v in rows["fast"].items() if k not in ("route", "domain")},
+        "float": {k: v for k, v in rows["float"].items() if k not in ("route", "domain")},
+        "routing_identical": same,
+        "route_and_ood_decision_identical": same_decision,
+        "timings": timings,
+    }
+    print(f"{scenario}: D={h.dim}, k={h.k}, domains {result['domains']}")
+    print(f"{'path':>6} | near AUROC | far AUROC")
+    for name in ("fast", "float"):
+        r = result[name]
+        print(f"{name:>6} | {100 * r['near_auroc']:>10.2f} | {100 * r['far_auroc']:>9.2f}")
+    dn = 100 * abs(result["fast"]["near_auroc"] - result["float"]["near_auroc"])
+    df = 100 * abs(result["fast"]["far_auroc"] - result["float"]["far_auroc"])
+    ok = dn <= 0.5 and df <= 0.5 and same >= 0.99
+    print(
+        f"routing identical: {100 * same:.2f}% (domain and in/out decision: "
+        f"{100 * same_decision:.2f}%)  |Δnear| {dn:.2f} pt  |Δfar| {df:.2f} pt"
+    )
+    print(f"{'PASS' if ok else 'FAIL'}: AUROC within 0.5 pt and >= 99% routing identical")
+    result["pass"] = ok
+    (out / "hdc_fastpath.json").write_text(json.dumps(result, indent=2, default=float))
+    print(f"wrote {out / 'hdc_fastpath.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
