@@ -278,7 +278,6 @@ class Runtime:
         prediction = np.full(n, -1, dtype=np.int64)
         domain = np.full(n, -1, dtype=np.int64)
         score = np.full(n, -np.inf, dtype=np.float32)
-        second = np.full(n, -np.inf, dtype=np.float32)
         active_score = np.full(n, -np.inf, dtype=np.float32)
         extras = None
         if ok.any():
@@ -293,7 +292,6 @@ class Runtime:
             elif self.monitor.novelty is not None and good.dtype == np.uint8:
                 extras = np.zeros((n, 4 + 16), dtype=np.float32)
                 extras[ok] = pixel_statistics(good)
-        del second
         is_ood = score < 0.0
         for j in np.flatnonzero(rejected):
             self._emit("frame_rejected", int(indices[j]), reason="frame has NaN or Inf values")
