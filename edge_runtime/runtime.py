@@ -134,6 +134,7 @@ class _AdaptResult:
     adaptor: Adaptor | None = None
     replay: tuple[np.ndarray, np.ndarray] | None = None
     bank: DomainMemoryBank | None = None
+    train_set: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
 
 
 class Runtime:
@@ -456,8 +457,7 @@ class Runtime:
         if self._trigger is not None and self._buf_y:
             self._start_adaptation()
         if wait:
-            self.wait_idle()
-            self._install_finished_job(self.frames_seen)
+            self._drain_worker(self.frames_seen)
 
     # -------------------------------------------------------------------------------- adaptation
     def _start_adaptation(self) -> None:
@@ -480,23 +480,58 @@ class Runtime:
             classes=sorted({int(v) for v in y}),
             domain=new_id,
         )
-        job = (x, y, trigger, kind, new_id)
         if self.background:
-            if self._worker is None:
-                self._worker = AdaptationWorker(torch_threads=1)
-            self._worker.submit(lambda cancel: self._adapt_job(*job), name=f"domain-{new_id}")
+            # Two phases. Now, on the serving thread, the cheap part: the return check, the new
+            # domain's HDC memory and an initialised (untrained) head, installed at the next batch,
+            # so routing and the drift monitor know the domain however fast frames arrive. Then
+            # the worker trains the head off the serving path and swaps it in.
+            self._drain_worker(frames[-1])  # a head still training from the last drift
+            res = self._future_of(lambda: self._adapt_job(x, y, trigger, kind, new_id, False))
+            if res is not None and res.train_set is not None:
+                if self._worker is None:
+                    self._worker = AdaptationWorker(torch_threads=1)
+                domain_id, (hx, hy, hw) = res.domain_id, res.train_set
+                self._worker.submit(
+                    lambda cancel: self._train_job(domain_id, hx, hy, hw),
+                    name=f"train-domain-{domain_id}",
+                )
         else:
-            fut: Future[_AdaptResult] = Future()
-            try:
-                fut.set_result(self._adapt_job(*job))
-            except Exception as exc:  # surfaced as an error event, like the threaded path
-                fut.set_exception(exc)
-            self._future = fut
+            self._future_of(lambda: self._adapt_job(x, y, trigger, kind, new_id))
+
+    def _future_of(self, job: Callable[[], _AdaptResult]) -> _AdaptResult | None:
+        """Run ``job`` now; its result (or error) is installed at the start of the next batch."""
+        fut: Future[_AdaptResult] = Future()
+        try:
+            fut.set_result(job())
+        except Exception as exc:  # surfaced as an error event, like the threaded path
+            fut.set_exception(exc)
+        self._future = fut
+        return fut.result() if fut.exception() is None else None
+
+    def _train_job(
+        self, domain_id: int, x: np.ndarray, y: np.ndarray, w: np.ndarray | None
+    ) -> _AdaptResult:
+        """Runs on the worker thread: the trained head for a domain installed in phase one."""
+        t0 = time.perf_counter()
+        adaptor, report = self._train_head(x, y, domain_id, w, job=True)
+        report.update(domain=domain_id, seconds=time.perf_counter() - t0)
+        return _AdaptResult(-1, "", "trained", domain_id, report, adaptor)
+
+    def _drain_worker(self, frame: int) -> None:
+        """Wait for a training job in flight and install what has finished (at most two results:
+        a phase-one domain and a trained head)."""
+        self.wait_idle()
+        for _ in range(2):
+            self._install_finished_job(frame)
 
     def _adapt_job(
-        self, x: np.ndarray, y: np.ndarray, trigger: int, kind: str, new_id: int
+        self, x: np.ndarray, y: np.ndarray, trigger: int, kind: str, new_id: int, train: bool = True
     ) -> _AdaptResult:
-        """Runs on the worker thread: never touches serving state except through the lock."""
+        """Return check, new domain's memory and head (trained unless ``train=False``).
+
+        Never touches serving state except through the lock; the result is installed by the
+        serving thread at the start of the next batch.
+        """
         t0 = time.perf_counter()
         d, s, _ = self._route(x)
         claimed = d[s >= 0]
@@ -517,9 +552,9 @@ class Runtime:
             # active domain when nothing routes), not necessarily the active one: new objects
             # seen by the clean camera belong to the clean domain even after a noisy spell.
             parent = int(np.bincount(d[d >= 0]).argmax()) if (d >= 0).any() else self.active_domain
-            res = self._extend_domain(parent, x, y, trigger, kind)
+            res = self._extend_domain(parent, x, y, trigger, kind, train)
         else:
-            res = self._new_domain(new_id, x, y, trigger, kind)
+            res = self._new_domain(new_id, x, y, trigger, kind, train)
         res.report["seconds"] = time.perf_counter() - t0
         return res
 
@@ -531,12 +566,12 @@ class Runtime:
         return replay
 
     def _new_domain(
-        self, new_id: int, x: np.ndarray, y: np.ndarray, trigger: int, kind: str
+        self, new_id: int, x: np.ndarray, y: np.ndarray, trigger: int, kind: str, train: bool = True
     ) -> _AdaptResult:
         """A new domain: head on the shots + the base domain's replay, memory of the shots."""
         rx, ry = self._replay_of(BASE_DOMAIN)
         hx, hy, hw = _with_replay(x, y, rx, ry)
-        adaptor, report = self._train_head(hx, hy, new_id, hw, job=True)
+        adaptor, report = self._train_head(hx, hy, new_id, hw, job=True, train=train)
         # The new memory goes into a copy of the bank: serving keeps scoring the old one
         # until the serving thread swaps the copy in (no half-added domain is ever seen).
         with self._lock:
@@ -544,15 +579,17 @@ class Runtime:
         report["threshold"] = float(bank.add_domain(new_id, x, y))
         report.update(domain=new_id, shots=len(y), replay=len(ry), action="new")
         replay = balanced_sample(x, y, self.replay_per_class, self.config.hdc.seed + new_id)
-        return _AdaptResult(trigger, kind, "new", new_id, report, adaptor, replay, bank)
+        return _AdaptResult(
+            trigger, kind, "new", new_id, report, adaptor, replay, bank, (hx, hy, hw)
+        )
 
     def _extend_domain(
-        self, parent: int, x: np.ndarray, y: np.ndarray, trigger: int, kind: str
+        self, parent: int, x: np.ndarray, y: np.ndarray, trigger: int, kind: str, train: bool = True
     ) -> _AdaptResult:
         """New classes in a known domain: a new adaptor version over the union of labels."""
         rx, ry = self._replay_of(parent)
         hx, hy, hw = _with_replay(x, y, rx, ry)
-        adaptor, report = self._train_head(hx, hy, parent, hw, job=True)
+        adaptor, report = self._train_head(hx, hy, parent, hw, job=True, train=train)
         with self._lock:
             bank = copy.deepcopy(self.bank)
             version = self.registry.get(parent).version + 1
@@ -561,7 +598,9 @@ class Runtime:
         replay = merge_replay(
             (rx, ry), (x, y), self.replay_per_class, self.config.hdc.seed + parent
         )
-        return _AdaptResult(trigger, kind, "extend", parent, report, adaptor, replay, bank)
+        return _AdaptResult(
+            trigger, kind, "extend", parent, report, adaptor, replay, bank, (hx, hy, hw)
+        )
 
     def _train_head(
         self,
@@ -571,6 +610,7 @@ class Runtime:
         weight: np.ndarray | None = None,
         *,
         job: bool = False,
+        train: bool = True,
     ) -> tuple[Adaptor, dict[str, Any]]:
         """Architecture (NAS plug point), initialisation (meta-init plug point), training."""
         cfg = self.config
@@ -578,6 +618,14 @@ class Runtime:
         found = self.search.search(x, y, label_map)
         adaptor = build_adaptor(found.arch, label_map, seed=cfg.hdc.seed + domain_id)
         self.initializer.init(adaptor, x, y)
+        report = {
+            "arch": found.arch.to_dict(),
+            "search": found.method,
+            "init": self.initializer.name,
+            "labels": label_map,
+        }
+        if not train:  # the initialised head serves until the trained one replaces it
+            return adaptor, report | {"train": {"steps": 0}}
         steps = int(cfg.adapt.steps)
         if job:  # off the serving path but sharing its cores: bound the job's compute
             steps = min(steps, max(MIN_JOB_STEPS, JOB_ROW_STEPS // max(len(y), 1)))
@@ -591,14 +639,7 @@ class Runtime:
             fit_normalizer=False,
             sample_weight=weight,
         )
-        report = {
-            "arch": found.arch.to_dict(),
-            "search": found.method,
-            "init": self.initializer.name,
-            "train": tr.to_dict(),
-            "labels": label_map,
-        }
-        return adaptor, report
+        return adaptor, report | {"train": tr.to_dict()}
 
     def _poll_job(self) -> tuple[_AdaptResult | None, str | None] | None:
         """(result, error) of a finished job, or None while none has finished."""
@@ -623,8 +664,14 @@ class Runtime:
         polled = self._poll_job()
         if polled is None:
             return
-        self._adapting = False
         res, error = polled
+        if res is not None and res.action == "trained":
+            with self._lock:
+                if res.domain_id in self.registry.ids():
+                    self.registry.get(res.domain_id).adaptor = res.adaptor
+            self._emit("adaptor_trained", frame, **_jsonable(res.report))
+            return
+        self._adapting = False
         if res is None:
             self._emit("error", frame, where="adaptation", message=error)
             self.monitor.resume(reset=True)
@@ -697,9 +744,7 @@ class Runtime:
     # -------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The whole state; an adaptation in flight is finished and installed first."""
-        if self._adapting:
-            self.wait_idle()
-            self._install_finished_job(self.frames_seen)
+        self._drain_worker(self.frames_seen)
         pending_i = sorted(self._pending)
         reg_tensors, reg_meta = self.registry.to_state()
         return {
