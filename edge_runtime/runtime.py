@@ -14,10 +14,12 @@ Per batch (:meth:`Runtime.process`), in stream order:
    :meth:`Runtime.feedback` after the frames were predicted). A second, small detector
    watches routing: when frames the active domain rejects are claimed by another known
    domain, the stream has returned to that domain (no labels, no new adaptor);
-6. with the labels in, an adaptation job runs on a worker thread (serving goes on with the
-   old domains): it picks the adaptor's architecture and initialisation (plug points),
-   trains it, builds the domain's HDC memory with a calibrated threshold and hands the
-   result back; the serving thread installs it at the start of the next batch.
+6. with the labels in, adaptation runs in two phases. First, on the serving thread and in
+   tens of milliseconds: the return check, the new domain's HDC memory with a calibrated
+   threshold and a head from the architecture and initialisation plug points (untrained),
+   installed at the start of the next batch, so routing and the drift monitor know the
+   domain at once however fast frames arrive. Then a worker thread trains the head (serving
+   goes on) and the serving thread swaps the trained head in.
 
 Growth policy (measured on the fashion-drift stream; table in the runtime report): every
 new head is trained on its shots plus the BASE domain's class-balanced replay buffer (shots
