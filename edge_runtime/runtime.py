@@ -554,9 +554,9 @@ class Runtime:
             # active domain when nothing routes), not necessarily the active one: new objects
             # seen by the clean camera belong to the clean domain even after a noisy spell.
             parent = int(np.bincount(d[d >= 0]).argmax()) if (d >= 0).any() else self.active_domain
-            res = self._extend_domain(parent, x, y, trigger, kind, train)
+            res = self._grow("extend", parent, x, y, trigger, kind, train)
         else:
-            res = self._new_domain(new_id, x, y, trigger, kind, train)
+            res = self._grow("new", new_id, x, y, trigger, kind, train)
         res.report["seconds"] = time.perf_counter() - t0
         return res
 
@@ -567,41 +567,39 @@ class Runtime:
             return np.zeros((0, self.feature_dim), np.float32), np.zeros(0, np.int64)
         return replay
 
-    def _new_domain(
-        self, new_id: int, x: np.ndarray, y: np.ndarray, trigger: int, kind: str, train: bool = True
+    def _grow(
+        self,
+        action: str,
+        domain_id: int,
+        x: np.ndarray,
+        y: np.ndarray,
+        trigger: int,
+        kind: str,
+        train: bool = True,
     ) -> _AdaptResult:
-        """A new domain: head on the shots + the base domain's replay, memory of the shots."""
-        rx, ry = self._replay_of(BASE_DOMAIN)
+        """``"new"``: a new domain, head on the shots + the base domain's replay, memory of the
+        shots. ``"extend"``: new classes in a known domain, a new adaptor version over the union
+        of labels, trained with that domain's own replay, its memory extended by the shots."""
+        extend = action == "extend"
+        rx, ry = self._replay_of(domain_id if extend else BASE_DOMAIN)
         hx, hy, hw = _with_replay(x, y, rx, ry)
-        adaptor, report = self._train_head(hx, hy, new_id, hw, job=True, train=train)
-        # The new memory goes into a copy of the bank: serving keeps scoring the old one
-        # until the serving thread swaps the copy in (no half-added domain is ever seen).
+        adaptor, report = self._train_head(hx, hy, domain_id, hw, job=True, train=train)
+        # The memory changes in a copy of the bank: serving keeps scoring the old one until
+        # the serving thread swaps the copy in (no half-added domain is ever seen).
         with self._lock:
             bank = copy.deepcopy(self.bank)
-        report["threshold"] = float(bank.add_domain(new_id, x, y))
-        report.update(domain=new_id, shots=len(y), replay=len(ry), action="new")
-        replay = balanced_sample(x, y, self.replay_per_class, self.config.hdc.seed + new_id)
+        grow = bank.extend_domain if extend else bank.add_domain
+        report["threshold"] = float(grow(domain_id, x, y))
+        report.update(domain=domain_id, shots=len(y), replay=len(ry), action=action)
+        seed = self.config.hdc.seed + domain_id
+        if extend:
+            with self._lock:
+                report["version"] = self.registry.get(domain_id).version + 1
+            replay = merge_replay((rx, ry), (x, y), self.replay_per_class, seed)
+        else:
+            replay = balanced_sample(x, y, self.replay_per_class, seed)
         return _AdaptResult(
-            trigger, kind, "new", new_id, report, adaptor, replay, bank, (hx, hy, hw)
-        )
-
-    def _extend_domain(
-        self, parent: int, x: np.ndarray, y: np.ndarray, trigger: int, kind: str, train: bool = True
-    ) -> _AdaptResult:
-        """New classes in a known domain: a new adaptor version over the union of labels."""
-        rx, ry = self._replay_of(parent)
-        hx, hy, hw = _with_replay(x, y, rx, ry)
-        adaptor, report = self._train_head(hx, hy, parent, hw, job=True, train=train)
-        with self._lock:
-            bank = copy.deepcopy(self.bank)
-            version = self.registry.get(parent).version + 1
-        report["threshold"] = float(bank.extend_domain(parent, x, y))
-        report.update(domain=parent, shots=len(y), replay=len(ry), action="extend", version=version)
-        replay = merge_replay(
-            (rx, ry), (x, y), self.replay_per_class, self.config.hdc.seed + parent
-        )
-        return _AdaptResult(
-            trigger, kind, "extend", parent, report, adaptor, replay, bank, (hx, hy, hw)
+            trigger, kind, action, domain_id, report, adaptor, replay, bank, (hx, hy, hw)
         )
 
     def _train_head(
