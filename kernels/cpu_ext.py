@@ -10,16 +10,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 from pathlib import Path
 from types import ModuleType
+
+from edge_runtime.kernels._jit import JitExtension
 
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "hdc_cpu.cpp"
-_lock = threading.Lock()
-_module: ModuleType | None = None
-_failed: str | None = None
 
 
 def _cpu_tag() -> str:
@@ -33,35 +31,28 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+def _disabled() -> str | None:
+    return (
+        "disabled by EDGE_RUNTIME_NO_CPP=1"
+        if os.environ.get("EDGE_RUNTIME_NO_CPP") == "1"
+        else None
+    )
+
+
+_EXTENSION = JitExtension(
+    "HDC C++ CPU kernels",
+    lambda: f"edge_runtime_hdc_cpu_{_cpu_tag()}",
+    [_SOURCE],
+    precondition=_disabled,
+    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+    extra_ldflags=["-fopenmp"],
+)
+
+
 def load() -> ModuleType | None:
     """The compiled module, or None if it cannot be built here (reason in ``failure()``)."""
-    global _module, _failed
-    if _module is not None or _failed is not None:
-        return _module
-    with _lock:
-        if _module is not None or _failed is not None:
-            return _module
-        if os.environ.get("EDGE_RUNTIME_NO_CPP") == "1":
-            _failed = "disabled by EDGE_RUNTIME_NO_CPP=1"
-            return None
-        try:
-            from torch.utils import cpp_extension
-
-            name = f"edge_runtime_hdc_cpu_{_cpu_tag()}"
-            log.info("compiling HDC C++ CPU kernels (%s; once, then cached)", name)
-            _module = cpp_extension.load(
-                name=name,
-                sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as exc:  # no compiler, no ninja, build error: fall back, say why
-            last = str(exc).strip().splitlines()[-1:] or [""]
-            _failed = f"{type(exc).__name__}: {last[0]}"
-            log.warning("HDC C++ CPU kernels unavailable, using the torch path (%s)", _failed)
-        return _module
+    return _EXTENSION.load()
 
 
 def failure() -> str | None:
-    return _failed
+    return _EXTENSION.failure

@@ -6,12 +6,12 @@ of torch with a GPU present; ``available()`` says whether they can run here and 
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from edge_runtime.kernels import _alloc
+from edge_runtime.kernels._jit import JitExtension
 
 from edge_runtime.errors import BackendUnavailableError
 
@@ -19,9 +19,6 @@ log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
 MAX_K = 32  # HDC_MAX_K in the .cu file: per-warp lists live in shared memory
-_lock = threading.Lock()
-_module: ModuleType | None = None
-_failed: str | None = None
 
 
 def unavailable_reason() -> str | None:
@@ -31,40 +28,33 @@ def unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible"
     load()
-    return _failed
+    return _EXTENSION.failure
+
+
+def _no_gpu() -> str | None:
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return "no CUDA torch build or GPU"
+    return None
+
+
+_EXTENSION = JitExtension(
+    "HDC CUDA kernels",
+    lambda: "edge_runtime_hdc_cuda",
+    [_CSRC / "hdc_cuda.cpp", _CSRC / "hdc_cuda_kernels.cu"],
+    precondition=_no_gpu,
+    extra_cflags=["-O3"],
+    extra_cuda_cflags=["-O3"],
+)
 
 
 def load() -> ModuleType | None:
-    global _module, _failed
-    if _module is not None or _failed is not None:
-        return _module
-    with _lock:
-        if _module is not None or _failed is not None:
-            return _module
-        if torch.version.cuda is None or not torch.cuda.is_available():
-            _failed = "no CUDA torch build or GPU"
-            return None
-        try:
-            from torch.utils import cpp_extension
-
-            log.info("compiling HDC CUDA kernels (once, then cached)")
-            _module = cpp_extension.load(
-                name="edge_runtime_hdc_cuda",
-                sources=[str(_CSRC / "hdc_cuda.cpp"), str(_CSRC / "hdc_cuda_kernels.cu")],
-                extra_cflags=["-O3"],
-                extra_cuda_cflags=["-O3"],
-                verbose=False,
-            )
-        except Exception as exc:
-            _failed = f"{type(exc).__name__}: {exc}".strip().splitlines()[-1]
-            log.warning("HDC CUDA kernels unavailable (%s)", _failed)
-        return _module
+    return _EXTENSION.load()
 
 
 def _module_or_raise() -> ModuleType:
     mod = load()
     if mod is None:
-        raise BackendUnavailableError(f"HDC CUDA kernels unavailable: {_failed}")
+        raise BackendUnavailableError(f"HDC CUDA kernels unavailable: {_EXTENSION.failure}")
     return mod
 
 
