@@ -57,7 +57,7 @@ class FloatCosineBank:
             projection=e.projection,
         )
         self.k, self.tpr, self.seed = bank.k, bank.tpr, bank.seed
-        self.max_exemplars, self.calib_fraction = bank.max_exemplars, bank.calib_fraction
+        self.max_exemplars, self.split = bank.max_exemplars, bank.calibration_split
         self.memories: list[torchhd.MAPTensor] = []
         self.thresholds: list[float] = []
 
@@ -72,9 +72,7 @@ class FloatCosineBank:
     def add_domain(self, domain_id: int, x: np.ndarray, y: np.ndarray) -> None:
         if self.encoder.in_features is None:
             self.encoder.fit(x)
-        perm = np.random.default_rng(self.seed + domain_id).permutation(len(x))
-        n_cal = max(1, round(self.calib_fraction * len(x)))
-        cal, fit = perm[:n_cal], perm[n_cal:]
+        cal, fit = (i.numpy() for i in self.split(len(x), self.seed + domain_id))
         keep = select_exemplars(y[fit], self.max_exemplars, self.seed + domain_id)
         memory = self.encoder.encode_float(x[fit][keep])
         self.memories.append(memory)

@@ -104,6 +104,13 @@ class DomainMemoryBank:
         return int(self.packed.numel() * 8)
 
     # ------------------------------------------------------------------ domains
+    def calibration_split(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ``n`` frames held out for calibration, and the rows kept in memory: scoring
+        a frame against a memory holding itself would make the threshold optimistic."""
+        perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+        n_cal = max(1, round(self.calib_fraction * n))
+        return perm[:n_cal], perm[n_cal:]
+
     def add_domain(
         self,
         domain_id: int,
@@ -127,9 +134,7 @@ class DomainMemoryBank:
         if calib_features is None:
             if len(x) < 2:
                 raise InputError("add_domain needs calib_features or at least 2 training frames")
-            perm = np.random.default_rng(self.seed + domain_id).permutation(len(x))
-            n_cal = max(1, round(self.calib_fraction * len(x)))
-            cal_idx, fit_idx = torch.from_numpy(perm[:n_cal]), torch.from_numpy(perm[n_cal:])
+            cal_idx, fit_idx = self.calibration_split(len(x), self.seed + domain_id)
             calib, x, y = x[cal_idx], x[fit_idx], y[fit_idx]
         else:
             calib = check_features(calib_features, self.encoder.in_features, name="calib_features")
@@ -171,9 +176,7 @@ class DomainMemoryBank:
         if len(x) < 2:
             raise InputError("extend_domain needs at least 2 frames")
         s = self.domain_ids.index(domain_id)
-        perm = np.random.default_rng(self.seed + domain_id + len(self.labels)).permutation(len(x))
-        n_cal = max(1, round(self.calib_fraction * len(x)))
-        cal_idx, fit_idx = torch.from_numpy(perm[:n_cal]), torch.from_numpy(perm[n_cal:])
+        cal_idx, fit_idx = self.calibration_split(len(x), self.seed + domain_id + len(self.labels))
         calib, x, y = x[cal_idx], x[fit_idx], y[fit_idx]
         keep = torch.from_numpy(
             select_exemplars(y.numpy(), self.max_exemplars, self.seed + domain_id)
