@@ -13,6 +13,7 @@ from __future__ import annotations
 from edge_runtime.kernels.api import (
     BACKENDS,
     Backend,
+    fused_bank_scores,
     hadamard_project_pack,
     hamming,
     pack_bits,
@@ -29,6 +30,7 @@ from edge_runtime.kernels.reference import words_for
 __all__ = [
     "BACKENDS",
     "Backend",
+    "fused_bank_scores",
     "hadamard_block",
     "hadamard_project_pack",
     "hadamard_signs",

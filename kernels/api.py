@@ -24,6 +24,7 @@ from edge_runtime.errors import BackendUnavailableError, InputError
 
 Backend = Literal["auto", "reference", "cpp", "torch", "triton", "cuda"]
 BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp", "torch", "triton", "cuda")
+_PAD_DISTANCE = 2**31 - 1  # the distance the kernels report for a missing neighbour
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,6 +118,8 @@ def unchecked(op: str, device: torch.device, backend: Backend = "auto") -> Calla
     if op == "segmented_hamming_topk" and backend == "auto" and name in ("cuda", "triton"):
         # same k > 32 rule as segmented_hamming_topk; the caller's k is not known here
         return functools.partial(_topk_any_k, name)
+    if op == "fused_bank_scores":
+        return _module("cpp").fused_bank_scores if name == "cpp" else _fused_bank_scores_composed
     fn = getattr(_module(name), op, None)
     return fn if fn is not None else getattr(torch_backend, op)
 
@@ -253,3 +256,100 @@ def project_and_topk(
     else:
         packed = sign_project_pack(features, projection, bias, backend=backend)
     return segmented_hamming_topk(packed, memory, offsets, k, backend=backend)
+
+
+def fused_bank_scores(
+    features: torch.Tensor,
+    layers: torch.Tensor,
+    weights: torch.Tensor,
+    layer_norm: bool,
+    signs: torch.Tensor,
+    dim: int,
+    memory: torch.Tensor,
+    offsets: torch.Tensor,
+    k: int,
+    reduce: str,
+    thresholds: torch.Tensor,
+    *,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """A memory bank's per-frame scoring step in one call: (B, F) features → (B, S) float32.
+
+    Per layer ``(start, stop)`` in ``layers`` (L, 2) int64: L2-normalise (if ``layer_norm``;
+    eps 1e-12 as ``F.normalize``) and multiply by ``weights`` (L,) float32; concatenate;
+    Hadamard sign projection (``signs`` (R, 2, P), ``dim``); per-segment Hamming top-k against
+    ``memory`` / ``offsets``; k-NN similarity ``1 - 2 d / dim`` reduced by ``reduce`` ("kth":
+    the k-th valid neighbour, "mean": mean of the valid ones; an empty segment is -inf); minus
+    ``thresholds`` (S,) float32. The C++ backend does it without leaving native code; other
+    backends compose the public kernels (same result up to float rounding of the norms).
+    """
+    _checks.check_features(features)
+    _checks.check_k(k)
+    _checks.check_offsets(offsets, memory.shape[0])
+    if reduce not in ("kth", "mean"):
+        raise InputError(f"unknown k-NN reduce {reduce!r}: use 'kth' or 'mean'")
+    if layers.dtype != torch.int64 or layers.dim() != 2 or layers.shape[1] != 2:
+        raise InputError(f"layers must be (L, 2) int64 column ranges, got {tuple(layers.shape)}")
+    if weights.shape != (layers.shape[0],):
+        raise InputError(f"weights must be ({layers.shape[0]},), got {tuple(weights.shape)}")
+    lo, hi = layers[:, 0], layers[:, 1]
+    if len(layers) and (
+        int(lo.min()) < 0 or int(hi.max()) > features.shape[1] or bool((hi < lo).any())
+    ):
+        raise InputError(f"layers must be ranges within the {features.shape[1]} feature columns")
+    width = int((hi - lo).sum())
+    check_signs(signs, width, dim)
+    if memory.dim() != 2 or memory.shape[1] != (dim + 63) // 64:
+        raise InputError(f"memory must be (M, {(dim + 63) // 64}) packed rows for dim={dim}")
+    _checks.check_packed("memory", memory, allow_empty=True)
+    if thresholds.shape != (offsets.numel() - 1,):
+        raise InputError(f"thresholds must be ({offsets.numel() - 1},), one per segment")
+    name = resolve_backend(backend, features.device)
+    fn = _module("cpp").fused_bank_scores if name == "cpp" else _fused_bank_scores_composed
+    return fn(
+        features.float().contiguous(),
+        layers.contiguous(),
+        weights.float().contiguous(),
+        bool(layer_norm),
+        signs.float().contiguous(),
+        int(dim),
+        memory.contiguous(),
+        offsets.to(features.device).contiguous(),
+        int(k),
+        reduce,
+        thresholds.float().to(features.device).contiguous(),
+    )
+
+
+def _fused_bank_scores_composed(
+    features: torch.Tensor,
+    layers: torch.Tensor,
+    weights: torch.Tensor,
+    layer_norm: bool,
+    signs: torch.Tensor,
+    dim: int,
+    memory: torch.Tensor,
+    offsets: torch.Tensor,
+    k: int,
+    reduce: str,
+    thresholds: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`fused_bank_scores` from torch ops and the public kernels (any backend/device)."""
+    parts = []
+    for (a, b), w in zip(layers.tolist(), weights.tolist(), strict=True):
+        x = features[:, a:b]
+        if layer_norm:
+            x = torch.nn.functional.normalize(x, dim=1, eps=1e-12)
+        parts.append(x * torch.tensor(w, dtype=torch.float32, device=x.device))
+    z = torch.cat(parts, dim=1).contiguous()
+    q = hadamard_project_pack(z, signs, dim)
+    dist, _ = segmented_hamming_topk(q, memory, offsets, k)
+    valid = dist != _PAD_DISTANCE
+    sim = 1.0 - 2.0 * dist.to(torch.float64) / dim
+    n_valid = valid.sum(dim=2)
+    if reduce == "kth":
+        out = torch.gather(sim, 2, (n_valid - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    else:
+        out = torch.where(valid, sim, torch.zeros_like(sim)).sum(dim=2) / n_valid.clamp(min=1)
+    out = torch.where(n_valid > 0, out, torch.full_like(out, float("-inf")))
+    return out.to(torch.float32) - thresholds.to(torch.float32)

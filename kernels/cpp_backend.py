@@ -75,3 +75,38 @@ def hadamard_project_pack(
         features.float().contiguous(), signs.float().contiguous(), b, dim, out
     )
     return out
+
+
+def fused_bank_scores(
+    features: torch.Tensor,
+    layers: torch.Tensor,
+    weights: torch.Tensor,
+    layer_norm: bool,
+    signs: torch.Tensor,
+    dim: int,
+    memory: torch.Tensor,
+    offsets: torch.Tensor,
+    k: int,
+    reduce: str,
+    thresholds: torch.Tensor,
+) -> torch.Tensor:
+    out = _alloc.empty((features.shape[0], offsets.numel() - 1), torch.float32, features.device)
+    _mod().fused_bank_scores(
+        features,
+        layers,
+        weights,
+        layer_norm,
+        signs,
+        dim,
+        memory,
+        offsets,
+        k,
+        _REDUCE[reduce],
+        thresholds,
+        out,
+        PARALLEL_WORK,
+    )
+    return out
+
+
+_REDUCE = {"kth": 0, "mean": 1}  # the kernel's reduce codes

@@ -105,7 +105,10 @@ def test_monitor_event_pause_and_state_roundtrip():
     events = mon.update_batch(np.arange(len(ind)), ind, np.where(ind, -1.0, 1.0))
     assert len(events) >= 1
     ev = events[0]
-    assert 600 <= ev.frame < 700
+    # flagged after the alarm's confirmation window
+    assert 600 + cfg.drift.confirm_frames <= ev.frame < 700 + cfg.drift.confirm_frames
+    assert ev.frame == ev.evidence["alarm_frame"] + cfg.drift.confirm_frames
+    assert ev.evidence["confirm_ood_rate"] >= cfg.drift.min_ood_rate
     assert ev.kind == "domain_shift"
     assert ev.evidence["statistic"] >= ev.evidence["threshold"]
     assert ev.evidence["ood_rate_since_change"] > 0.3
@@ -127,6 +130,25 @@ def test_monitor_event_pause_and_state_roundtrip():
     a = mon.update_batch(np.arange(400), more, np.zeros(400))
     b = other.update_batch(np.arange(400), more, np.zeros(400))
     assert [e.frame for e in a] == [e.frame for e in b]
+
+
+def test_monitor_dismisses_an_unconfirmed_alarm():
+    # A burst of OOD frames trips the detector, then the stream is in control again.
+    mon = DriftMonitor(BernoulliCUSUM(warmup=0, p0=0.05), confirm_frames=20, confirm_rate=0.3)
+    burst = np.zeros(300, bool)
+    burst[100:108] = True
+    assert mon.update_batch(np.arange(300), burst, np.zeros(300)) == []
+    assert mon.n_dismissed == 1
+    # The same burst followed by a sustained shift is flagged once the window confirms it.
+    shift = burst.copy()
+    shift[108:] = True
+    mon.reset()
+    events = mon.update_batch(np.arange(300), shift, np.zeros(300))
+    assert events and events[0].frame == events[0].evidence["alarm_frame"] + 20
+    assert events[0].evidence["confirm_ood_rate"] == 1.0
+    # Without confirmation the burst alone is a flag: the window is what removed it above.
+    bare = DriftMonitor(BernoulliCUSUM(warmup=0, p0=0.05))
+    assert len(bare.update_batch(np.arange(300), burst, np.zeros(300))) == 1
 
 
 def test_monitor_uses_the_novelty_classifier():

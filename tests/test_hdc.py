@@ -19,6 +19,7 @@ from edge_runtime.encoder import Encoder, TorchBackend
 from edge_runtime.encoder.cache import cached_features
 from edge_runtime.errors import CheckpointError, InputError
 from edge_runtime.hdc import DomainMemoryBank, HDCDetector, auroc, select_exemplars
+from edge_runtime.hdc.base import threshold_for_tpr
 
 BASE = (0, 1, 2, 3, 4, 5)
 
@@ -222,3 +223,27 @@ def test_bank_state_dict_round_trip(feats: dict[str, np.ndarray]) -> None:
         DomainMemoryBank().load_state_dict(bad)
     with pytest.raises(InputError, match="already"):
         bank.add_domain(0, feats["train"], feats["train_y"])
+
+
+def _brute_loo_threshold(bank: DomainMemoryBank, x: np.ndarray, keep: np.ndarray) -> float:
+    """Exact leave-one-out threshold from a full numpy Hamming matrix (no kernels)."""
+    codes = bank.encoder.encode_packed(x).numpy().view(np.uint64)
+    bits = np.unpackbits(codes.view(np.uint8), axis=1)[:, : codes.shape[1] * 64]
+    dist = (bits[:, None, :] != bits[None, keep, :]).sum(axis=2).astype(np.float64)
+    dist[keep, np.arange(len(keep))] = np.inf  # a frame is never its own neighbour
+    near = np.sort(dist, axis=1)[:, : bank.k]
+    scores = (1.0 - 2.0 * near / bank.dim).mean(axis=1)
+    return threshold_for_tpr(scores, bank.tpr)
+
+
+@pytest.mark.parametrize("max_exemplars", [1000, 60])
+def test_bank_threshold_is_leave_one_out(max_exemplars: int) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.exponential(1.0, (90, 40)).astype(np.float32)
+    x[5] = x[4]  # a duplicate: its twin is a real neighbour at distance 0, itself is not
+    y = rng.integers(0, 3, 90)
+    bank = DomainMemoryBank(dim=300, k=5, max_exemplars=max_exemplars, reduce="mean")
+    thr = bank.add_domain(0, x, y)
+    keep = select_exemplars(y, max_exemplars, bank.seed)
+    assert len(bank.packed) == len(keep)  # every kept frame stays in memory
+    assert thr == pytest.approx(_brute_loo_threshold(bank, x, keep), abs=1e-6)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from edge_runtime import kernels
+from edge_runtime.errors import InputError
 from edge_runtime.hdc.bank import DomainMemoryBank
 from edge_runtime.hdc.memory import PAD_DISTANCE, knn_similarity, knn_similarity_np
 from edge_runtime.hdc.projection import HypervectorEncoder
@@ -137,3 +138,131 @@ def test_bank_unchecked_path_follows_backend_override(monkeypatch: pytest.Monkey
         kernels.api._module("torch").segmented_hamming_topk
     )
     assert np.array_equal(bank.calibrated_scores(x), fast)
+
+
+# ---------------------------------------------------------------- fused small-batch scorer
+# kernels.fused_bank_scores normalises in native code with its own norm accumulation, so its
+# codes may differ from the torch path's in the sign of a near-zero projection: the tests
+# bound that (bits, scores) and require exact equality wherever the codes agree.
+
+
+def _fused_codes_distance(enc: HypervectorEncoder, x: np.ndarray, backend: str) -> np.ndarray:
+    """Per row, the Hamming distance between the fused kernel's code and the reference code:
+    each reference code is its own one-row segment, k=1, so score (i, i) = 1 - 2 d_i / D."""
+    ref = _reference_packed(enc, x)
+    plan = enc.fused_plan()
+    assert plan is not None
+    n = len(x)
+    sim = kernels.fused_bank_scores(
+        torch.from_numpy(x),
+        plan.bounds,
+        plan.weights,
+        enc.layer_norm,
+        plan.signs,
+        enc.dim,
+        ref,
+        torch.arange(n + 1, dtype=torch.int64),
+        1,
+        "kth",
+        torch.zeros(n, dtype=torch.float32),
+        backend=backend,
+    ).numpy()
+    d = (1.0 - np.diag(sim).astype(np.float64)) * enc.dim / 2.0
+    assert np.allclose(d, np.round(d), atol=1e-3)
+    return np.round(d).astype(np.int64)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"early_weight": 0.25}, {"layer_weights": (0.0, 1.0)}, {"layer_norm": False}],
+)
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_fused_codes_match_reference_bits(settings: dict, backend: str) -> None:
+    enc = HypervectorEncoder(dim=4096, layer_dims=LAYERS, projection="hadamard", **settings)
+    enc.fit(_features(8, 0))
+    x = _features(64, 21)
+    d = _fused_codes_distance(enc, x, backend)
+    assert d.sum() <= 0.001 * d.size * enc.dim  # at least 99.9 % of bits identical
+
+
+@pytest.mark.parametrize(("dim", "reduce"), [(4096, "mean"), (10000, "kth"), (1000, "mean")])
+def test_fused_bank_scores_match_general_path(dim: int, reduce: str) -> None:
+    bank = _bank(dim, "hadamard", reduce)
+    for n in (1, 3, 64):
+        x = _features(n, 300 + n)
+        got = bank.calibrated_scores(x)
+        ref = _reference_calibrated(bank, x)
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        assert np.array_equal(np.isneginf(got), np.isneginf(ref))
+        finite = np.isfinite(ref)
+        assert np.abs(got[finite] - ref[finite]).max() <= 1e-6
+        # identical codes give identical top-k distances, hence identical scores, bit for bit
+        same = _fused_codes_distance(bank.encoder, x, "cpp") == 0
+        assert same.mean() >= 0.9
+        assert np.array_equal(got[same], ref[same])
+        raw = bank.scores(x)
+        thr = np.asarray(bank.thresholds, dtype=np.float32)
+        assert np.array_equal(raw - thr, got)
+
+
+def test_fused_api_cpp_matches_composed_and_poison() -> None:
+    bank = _bank(2048, "hadamard", "mean")
+    plan = bank.encoder.fused_plan()
+    assert plan is not None
+    x = torch.from_numpy(_features(9, 4))
+    thr = torch.tensor(bank.thresholds, dtype=torch.float32)
+    args = (x, plan.bounds, plan.weights, True, plan.signs, bank.dim, bank.packed, bank.offsets)
+    with kernels._alloc.poisoned_outputs():  # every output element must be written
+        fast = kernels.fused_bank_scores(*args, bank.k, "mean", thr, backend="cpp")
+    composed = kernels.fused_bank_scores(*args, bank.k, "mean", thr, backend="torch")
+    assert not torch.isnan(fast).any()
+    assert torch.allclose(fast, composed, rtol=0, atol=1e-6)
+    with pytest.raises(InputError):
+        kernels.fused_bank_scores(*args, bank.k, "median", thr)
+    with pytest.raises(InputError):
+        kernels.fused_bank_scores(*args, bank.k, "mean", thr[:1])
+
+
+def test_fused_path_follows_domain_and_threshold_changes() -> None:
+    bank = _bank(2048, "hadamard", "kth")
+    x = _features(4, 8)
+
+    def check() -> None:
+        got, ref = bank.calibrated_scores(x), _reference_calibrated(bank, x)
+        assert got.shape == ref.shape
+        finite = np.isfinite(ref)
+        assert np.abs(got[finite] - ref[finite]).max() <= 1e-6
+
+    check()
+    bank.set_threshold(4, -0.5)  # the cached thresholds tensor must follow
+    check()
+    bank.thresholds[0] = 0.25  # even a direct list edit
+    check()
+    bank.add_domain(12, _features(50, 13), np.zeros(50, dtype=np.int64))
+    check()
+    bank.remove_domain(0)
+    check()
+    bank.extend_domain(4, _features(30, 14), np.ones(30, dtype=np.int64))
+    check()
+
+
+def test_fused_path_not_taken_for_centring_or_large_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bank = _bank(1024, "hadamard", "mean")
+    calls: list[int] = []
+    real = kernels.api.unchecked
+
+    def spy(op: str, device: torch.device, backend: str = "auto"):  # type: ignore[no-untyped-def]
+        if op == "fused_bank_scores":
+            calls.append(1)
+        return real(op, device, backend)
+
+    monkeypatch.setattr(kernels.api, "unchecked", spy)
+    bank.calibrated_scores(_features(64, 1))
+    assert len(calls) == 1
+    bank.calibrated_scores(_features(65, 1))  # above the fused batch limit
+    assert len(calls) == 1
+    bank.encoder.center = True  # centring needs the general path
+    bank.calibrated_scores(_features(2, 1))
+    assert len(calls) == 1

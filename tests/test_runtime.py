@@ -21,6 +21,7 @@ CFG = RuntimeConfig().with_overrides(
         "encoder.batch_size": 32,
         "hdc.dim": 2048,
         "drift.warmup": 60,
+        "drift.confirm_frames": 10,  # scaled down with the warm-up and the label budget
         "adapt.label_budget": 48,
         "adapt.steps": 60,
     }

@@ -115,6 +115,10 @@ class DriftConfig(_Section):
     false_alarm_rate: float = Field(1e-4, gt=0, lt=1)
     # The smallest out-of-distribution rate a shift must bring to be worth detecting.
     min_ood_rate: float = Field(0.3, gt=0, lt=1)
+    # Frames after an alarm whose OOD rate must reach min_ood_rate before the flag is raised
+    # (0: flag at the alarm). A real shift keeps its OOD rate; a chance burst of in-distribution
+    # frames near the threshold does not, and a flag costs an operator label_budget labels.
+    confirm_frames: int = Field(20, ge=0)
 
 
 class AdaptConfig(_Section):

@@ -6,10 +6,16 @@ of recent frames for the event's evidence, and -- when a :class:`NoveltyClassifi
 the runtime passes a low-level descriptor as ``extra`` -- labels the flag ``novel_class`` or
 ``domain_shift``. While paused (labels being collected, an adaptation running) it neither flags
 nor accumulates evidence, so the flag that follows an adaptation is about fresh frames.
+
+With ``confirm_frames`` > 0 a detector alarm is only a candidate: the flag is raised when the
+next ``confirm_frames`` frames reach an OOD rate of ``confirm_rate``, and the alarm is dismissed
+(statistic restarted) otherwise -- the warning/drift two-level scheme of DDM (Gama et al. 2004),
+with the confirmation judged on frames the alarm did not select.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -20,6 +26,8 @@ import numpy as np
 from edge_runtime.drift.detectors import ChangeDetector, make_detector
 from edge_runtime.drift.novelty import NoveltyClassifier
 from edge_runtime.errors import InputError
+
+log = logging.getLogger(__name__)
 
 DOMAIN_SHIFT = "domain_shift"
 NOVEL_CLASS = "novel_class"
@@ -37,6 +45,15 @@ class DriftEvent:
         return asdict(self)
 
 
+@dataclass
+class _Candidate:
+    """A detector alarm waiting for ``confirm_frames`` more frames."""
+
+    frame: int
+    since: list[tuple[int, bool, float, np.ndarray | None]]
+    after: list[tuple[int, bool, float, np.ndarray | None]]
+
+
 class DriftMonitor:
     """Wraps one :class:`ChangeDetector`; ``update`` returns a :class:`DriftEvent` on a flag."""
 
@@ -47,6 +64,8 @@ class DriftMonitor:
         novelty: NoveltyClassifier | None = None,
         window: int = 100,
         min_novelty_frames: int = 5,
+        confirm_frames: int = 0,
+        confirm_rate: float = 0.3,
     ) -> None:
         self.detector: ChangeDetector = detector if detector is not None else make_detector("cusum")
         self.novelty = novelty
@@ -54,6 +73,15 @@ class DriftMonitor:
             raise InputError(f"window must be >= 1, got {window}")
         self.window = int(window)
         self.min_novelty_frames = int(min_novelty_frames)
+        if confirm_frames < 0 or not 0.0 < confirm_rate <= 1.0:
+            raise InputError(
+                f"confirm_frames must be >= 0 and confirm_rate in (0, 1], "
+                f"got {confirm_frames}, {confirm_rate}"
+            )
+        self.confirm_frames, self.confirm_rate = int(confirm_frames), float(confirm_rate)
+        # An alarm awaiting confirmation: its frame, the frames it rests on, the frames since.
+        self._candidate: _Candidate | None = None
+        self.n_dismissed = 0
         self._recent: deque[tuple[int, bool, float, np.ndarray | None]] = deque(maxlen=self.window)
         self._paused = False
         self.n_flags = 0
@@ -73,6 +101,8 @@ class DriftMonitor:
         }
         if method == "cusum":
             params.update(min_ood_rate=drift_cfg.min_ood_rate, p0_floor=p0_floor)
+        kwargs.setdefault("confirm_frames", getattr(drift_cfg, "confirm_frames", 0))
+        kwargs.setdefault("confirm_rate", drift_cfg.min_ood_rate)
         return cls(make_detector(method, **params), **kwargs)
 
     # -- control -------------------------------------------------------------------------------
@@ -94,6 +124,7 @@ class DriftMonitor:
         """Restart the detector's statistic (``relearn``: also its in-control level) and window."""
         self.detector.reset(relearn=relearn)  # type: ignore[call-arg]
         self._recent.clear()
+        self._candidate = None
 
     # -- the per-frame step --------------------------------------------------------------------
     def update(
@@ -107,17 +138,52 @@ class DriftMonitor:
         score = float(score)
         if extra is not None:
             extra = np.asarray(extra, dtype=np.float32).reshape(-1)
-        self._recent.append((int(frame_index), is_ood, score, extra))
+        row = (int(frame_index), is_ood, score, extra)
+        self._recent.append(row)
+        if self._candidate is not None:
+            return self._confirm(row)
         x: float = float(is_ood) if self.detector.input == "indicator" else score
         if not self.detector.update(x):
             return None
-        self.n_flags += 1
         # Frames since the statistic last left zero: the detector's estimate of the change point.
         run = self.detector.n_seen - getattr(self.detector, "run_start", self.detector.n_seen - 1)
         since = list(self._recent)[-max(1, min(run, len(self._recent))) :]
-        event = DriftEvent(
-            frame=int(frame_index), kind=DOMAIN_SHIFT, evidence=self._evidence(since)
+        if self.confirm_frames:
+            self._candidate = _Candidate(int(frame_index), since, [])
+            return None
+        return self._flag(int(frame_index), since)
+
+    def _confirm(self, row: tuple[int, bool, float, np.ndarray | None]) -> DriftEvent | None:
+        c = self._candidate
+        assert c is not None
+        c.after.append(row)
+        if len(c.after) < self.confirm_frames:
+            return None
+        self._candidate = None
+        rate = float(np.mean([r[1] for r in c.after]))
+        if rate < self.confirm_rate:
+            self.n_dismissed += 1
+            log.info(
+                "drift alarm at frame %d dismissed: OOD rate %.2f over the next %d frames "
+                "(needs %.2f)",
+                c.frame,
+                rate,
+                len(c.after),
+                self.confirm_rate,
+            )
+            self.detector.reset()
+            return None
+        event = self._flag(int(row[0]), c.since + c.after)
+        event.evidence.update(
+            alarm_frame=c.frame, confirm_frames=len(c.after), confirm_ood_rate=rate
         )
+        return event
+
+    def _flag(
+        self, frame_index: int, since: list[tuple[int, bool, float, np.ndarray | None]]
+    ) -> DriftEvent:
+        self.n_flags += 1
+        event = DriftEvent(frame=frame_index, kind=DOMAIN_SHIFT, evidence=self._evidence(since))
         event.kind, why = self._classify(since)
         event.evidence["kind_reason"] = why
         return event
@@ -183,6 +249,16 @@ class DriftMonitor:
             "n_flags": self.n_flags,
             "last_frame": self.last_frame,
             "window": self.window,
+            "n_dismissed": self.n_dismissed,
+            "confirm_frames": self.confirm_frames,
+            "confirm_rate": self.confirm_rate,
+            # a pending alarm keeps its frame and the OOD flags seen since (not descriptors)
+            "candidate": None
+            if self._candidate is None
+            else {
+                "frame": self._candidate.frame,
+                "after_ood": [bool(r[1]) for r in self._candidate.after],
+            },
             "novelty": None if self.novelty is None else self.novelty.state_dict(),
         }
 
@@ -196,5 +272,18 @@ class DriftMonitor:
         self.last_frame = int(state["last_frame"])
         self.window = int(state["window"])
         self._recent = deque(maxlen=self.window)
+        self.n_dismissed = int(state.get("n_dismissed", 0))
+        self.confirm_frames = int(state.get("confirm_frames", 0))
+        self.confirm_rate = float(state.get("confirm_rate", self.confirm_rate))
+        cand = state.get("candidate")
+        self._candidate = (
+            None
+            if cand is None
+            else _Candidate(
+                int(cand["frame"]),
+                [],
+                [(int(cand["frame"]), bool(o), float("nan"), None) for o in cand["after_ood"]],
+            )
+        )
         if state.get("novelty") is not None:
             self.novelty = NoveltyClassifier.from_state_dict(state["novelty"])

@@ -6,9 +6,9 @@ kernel call scores a batch against every domain. All domains share one
 hypervector encoder (fitted on the first domain), so a frame is projected once.
 
 Raw scores are k-NN similarities; they are made comparable across domains by
-subtracting each domain's threshold, calibrated on held-out in-distribution
-frames of that domain for the configured TPR. The runtime routes to the
-argmax and calls a frame OOD when every calibrated score is below 0.
+subtracting each domain's threshold, calibrated for the configured TPR on that
+domain's own frames, each scored leave-one-out against the domain's memory. The
+runtime routes to the argmax and calls a frame OOD when every calibrated score is below 0.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from edge_runtime.hdc.projection import HypervectorEncoder, check_features
 # Up to this many frames a query is one unchecked kernel call: the same call, so the same
 # bits, as ``segmented_topk`` makes for its single chunk.
 _FAST_BATCH = _QUERY_CHUNK
+# Up to this many frames scores() / calibrated_scores() take kernels.fused_bank_scores: the
+# per-frame case, where Python and torch dispatch between the kernels cost more than they do.
+_FUSED_BATCH = 64
 
 
 @dataclass
@@ -64,7 +67,7 @@ class DomainMemoryBank:
         center: bool = False,
         projection: str = "gaussian",
         seed: int = 0,
-        calib_fraction: float = 0.2,
+        max_calibration: int = 2000,
     ):
         if k <= 0 or max_exemplars <= 0:
             raise InputError("k and max_exemplars must be > 0")
@@ -76,7 +79,9 @@ class DomainMemoryBank:
             int(max_exemplars),
             float(tpr),
         )
-        self.seed, self.calib_fraction = int(seed), float(calib_fraction)
+        if max_calibration <= 0:
+            raise InputError(f"max_calibration must be > 0, got {max_calibration}")
+        self.seed, self.max_calibration = int(seed), int(max_calibration)
         self.encoder = HypervectorEncoder(
             dim=dim,
             layer_dims=layer_dims,
@@ -91,6 +96,9 @@ class DomainMemoryBank:
         self.packed = torch.zeros(0, kernels.words_for(dim), dtype=torch.int64)
         self.labels = torch.zeros(0, dtype=torch.int64)
         self.offsets = torch.zeros(1, dtype=torch.int64)
+        # (thresholds as a tuple, float32 tensor): rebuilt whenever the list differs
+        self._thr_cache: tuple[tuple[float, ...], torch.Tensor] | None = None
+        self._zero_thr: torch.Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -104,12 +112,44 @@ class DomainMemoryBank:
         return int(self.packed.numel() * 8)
 
     # ------------------------------------------------------------------ domains
-    def calibration_split(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of ``n`` frames held out for calibration, and the rows kept in memory: scoring
-        a frame against a memory holding itself would make the threshold optimistic."""
-        perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-        n_cal = max(1, round(self.calib_fraction * n))
-        return perm[:n_cal], perm[n_cal:]
+    def calibration_rows(self, n: int, seed: int) -> torch.Tensor:
+        """Rows of ``n`` frames used to calibrate a threshold: all of them, or a random
+        ``max_calibration`` of them for a large domain (each costs one scan of the memory)."""
+        if n <= self.max_calibration:
+            return torch.arange(n)
+        rng = np.random.default_rng(seed)
+        return torch.from_numpy(np.sort(rng.choice(n, self.max_calibration, replace=False)))
+
+    def _loo_similarity(
+        self, queries: torch.Tensor, memory: torch.Tensor, own_rows: torch.Tensor
+    ) -> np.ndarray:
+        """k-NN similarity of each query to ``memory`` without the query's own row.
+
+        ``own_rows[i]`` is the memory row holding query i, or -1. Scoring a frame
+        against a memory that holds it would make the threshold optimistic; holding
+        frames out instead would leave a few-shot domain both a smaller memory and a
+        noisier threshold (40 of 200 shots), so every frame stays in memory and is
+        scored leave-one-out: its k+1 nearest rows, less itself.
+        """
+        off = torch.tensor([0, len(memory)], dtype=torch.int64)
+        dist, rows = segmented_topk(queries, memory, off, self.k + 1)
+        dist, rows = dist[:, 0], rows[:, 0]
+        is_self = (rows == own_rows.unsqueeze(1)) & (own_rows.unsqueeze(1) >= 0)
+        # The self row moves to the end; a query not in memory drops its (k+1)-th instead.
+        order = torch.argsort(is_self.to(torch.int8), dim=1, stable=True)
+        dist = torch.gather(dist, 1, order)[:, : self.k]
+        return knn_similarity(dist.unsqueeze(1), self.dim, self.reduce)[:, 0].numpy()
+
+    def _calibrate(
+        self, x: torch.Tensor, keep: torch.Tensor, memory: torch.Tensor, offset: int, seed: int
+    ) -> float:
+        """Threshold from leave-one-out scores of (a sample of) ``x`` against ``memory``, in
+        which ``x[keep[j]]`` is row ``offset + j``."""
+        own = torch.full((len(x),), -1, dtype=torch.int64)
+        own[keep] = torch.arange(len(keep), dtype=torch.int64) + offset
+        cal = self.calibration_rows(len(x), seed)
+        scores = self._loo_similarity(self.encoder.encode_packed(x[cal]), memory, own[cal])
+        return threshold_for_tpr(scores, self.tpr)
 
     def add_domain(
         self,
@@ -120,9 +160,9 @@ class DomainMemoryBank:
     ) -> float:
         """Store a domain's exemplars and calibrate its threshold; returns the threshold.
 
-        Without ``calib_features`` a random ``calib_fraction`` of ``features`` is
-        held out for calibration (scoring a frame against a memory holding
-        itself would make the threshold optimistic).
+        Without ``calib_features`` the threshold comes from ``features`` themselves,
+        each scored leave-one-out against the domain's memory (see
+        :meth:`_loo_similarity`).
         """
         domain_id = int(domain_id)
         if domain_id in self.domain_ids:
@@ -131,23 +171,19 @@ class DomainMemoryBank:
             self.encoder.fit(features)
         x = check_features(features, self.encoder.in_features)
         y = check_labels(labels, len(x))
-        if calib_features is None:
-            if len(x) < 2:
-                raise InputError("add_domain needs calib_features or at least 2 training frames")
-            cal_idx, fit_idx = self.calibration_split(len(x), self.seed + domain_id)
-            calib, x, y = x[cal_idx], x[fit_idx], y[fit_idx]
-        else:
-            calib = check_features(calib_features, self.encoder.in_features, name="calib_features")
+        if calib_features is None and len(x) < 2:
+            raise InputError("add_domain needs calib_features or at least 2 training frames")
         keep = torch.from_numpy(
             select_exemplars(y.numpy(), self.max_exemplars, self.seed + domain_id)
         )
         packed = self.encoder.encode_packed(x[keep])
-        # Score calibration frames against this domain's memory alone.
-        off = torch.tensor([0, len(packed)], dtype=torch.int64)
-        dist, _ = segmented_topk(self.encoder.encode_packed(calib), packed, off, self.k)
-        threshold = threshold_for_tpr(
-            knn_similarity(dist, self.dim, self.reduce)[:, 0].numpy(), self.tpr
-        )
+        if calib_features is None:
+            threshold = self._calibrate(x, keep, packed, 0, self.seed + domain_id)
+        else:
+            calib = check_features(calib_features, self.encoder.in_features, name="calib_features")
+            no_self = torch.full((len(calib),), -1, dtype=torch.int64)
+            scores = self._loo_similarity(self.encoder.encode_packed(calib), packed, no_self)
+            threshold = threshold_for_tpr(scores, self.tpr)
         self.packed = torch.cat([self.packed, packed])
         self.labels = torch.cat([self.labels, y[keep]])
         self.offsets = torch.cat([self.offsets, self.offsets[-1:] + len(packed)])
@@ -163,10 +199,10 @@ class DomainMemoryBank:
     ) -> float:
         """Append exemplars (e.g. new classes) inside an existing domain; returns its threshold.
 
-        A random ``calib_fraction`` of the new frames is held out and scored against the
-        extended memory; the threshold becomes the lower of the old one and the new frames'
-        TPR quantile, so the old frames and the new ones both keep at least ``tpr`` coverage.
-        Later domains' segments shift by the number of exemplars added.
+        The new frames are scored leave-one-out against the extended memory; the
+        threshold becomes the lower of the old one and the new frames' TPR quantile, so
+        the old frames and the new ones both keep at least ``tpr`` coverage. Later
+        domains' segments shift by the number of exemplars added.
         """
         domain_id = int(domain_id)
         if domain_id not in self.domain_ids:
@@ -176,19 +212,12 @@ class DomainMemoryBank:
         if len(x) < 2:
             raise InputError("extend_domain needs at least 2 frames")
         s = self.domain_ids.index(domain_id)
-        cal_idx, fit_idx = self.calibration_split(len(x), self.seed + domain_id + len(self.labels))
-        calib, x, y = x[cal_idx], x[fit_idx], y[fit_idx]
-        keep = torch.from_numpy(
-            select_exemplars(y.numpy(), self.max_exemplars, self.seed + domain_id)
-        )
+        seed = self.seed + domain_id + len(self.labels)
+        keep = torch.from_numpy(select_exemplars(y.numpy(), self.max_exemplars, seed))
         packed = self.encoder.encode_packed(x[keep])
         lo, hi = int(self.offsets[s]), int(self.offsets[s + 1])
         segment = torch.cat([self.packed[lo:hi], packed])
-        off = torch.tensor([0, len(segment)], dtype=torch.int64)
-        dist, _ = segmented_topk(self.encoder.encode_packed(calib), segment, off, self.k)
-        new_thr = threshold_for_tpr(
-            knn_similarity(dist, self.dim, self.reduce)[:, 0].numpy(), self.tpr
-        )
+        new_thr = self._calibrate(x, keep, segment, hi - lo, seed)
         threshold = min(self.thresholds[s], new_thr)
         self.packed = torch.cat([self.packed[:hi], packed, self.packed[hi:]])
         self.labels = torch.cat([self.labels[:hi], y[keep], self.labels[hi:]])
@@ -218,12 +247,17 @@ class DomainMemoryBank:
         self.thresholds[self.domain_ids.index(int(domain_id))] = float(threshold)
 
     # ------------------------------------------------------------------ scoring
-    def _query(self, features: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _checked(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
         if not self.domain_ids:
             raise InputError("the memory bank holds no domains: add_domain first")
         # Validated once here; past this point the encoder and kernels take the unchecked
         # paths (packed/offsets are built by this class and checked on load_state_dict).
-        x = check_features(features, self.encoder.in_features)
+        return check_features(features, self.encoder.in_features)
+
+    def _query(self, features: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._topk(self._checked(features))
+
+    def _topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.encoder.encode_packed_checked(x)
         if len(q) <= _FAST_BATCH and q.device.type == "cpu":
             topk = kernels.api.unchecked("segmented_hamming_topk", q.device)
@@ -232,12 +266,66 @@ class DomainMemoryBank:
 
     def scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N,S) float32 raw k-NN similarity to each domain (columns follow ``domain_ids``)."""
-        dist, _ = self._query(features)
+        x = self._checked(features)
+        fused = self._fused(x, calibrated=False)
+        if fused is not None:
+            return fused
+        dist, _ = self._topk(x)
         return knn_similarity_np(dist, self.dim, self.reduce)
 
     def calibrated_scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N,S) float32 score minus each domain's threshold: >= 0 means in-distribution there."""
-        return self.scores(features) - np.asarray(self.thresholds, dtype=np.float32)
+        x = self._checked(features)
+        fused = self._fused(x, calibrated=True)
+        if fused is not None:
+            return fused
+        dist, _ = self._topk(x)
+        sim = knn_similarity_np(dist, self.dim, self.reduce)
+        return sim - np.asarray(self.thresholds, dtype=np.float32)
+
+    def _fused(self, x: torch.Tensor, *, calibrated: bool) -> np.ndarray | None:
+        """Small-batch scores in one native call (kernels.fused_bank_scores), or None when the
+        settings, batch, backend or reduce need the general path. The norms are accumulated
+        differently from torch's, so a score may differ from the general path's by float
+        rounding (sign bits of near-zero projections); see tests/test_hdc_fastpath.py."""
+        if len(x) > _FUSED_BATCH or self.reduce not in ("kth", "mean"):
+            return None
+        plan = self.encoder.fused_plan()
+        if plan is None or not (self.packed.is_contiguous() and self.offsets.is_contiguous()):
+            return None
+        if kernels.resolve_backend("auto", x.device) != "cpp":
+            return None  # e.g. EDGE_RUNTIME_KERNEL_BACKEND=torch: honour the override
+        fn = kernels.api.unchecked("fused_bank_scores", x.device)
+        out = fn(
+            x.contiguous(),
+            plan.bounds,
+            plan.weights,
+            self.encoder.layer_norm,
+            plan.signs,
+            self.dim,
+            self.packed,
+            self.offsets,
+            self.k,
+            self.reduce,
+            self._thresholds_tensor() if calibrated else self._zeros(),
+        )
+        return out.numpy()
+
+    def _thresholds_tensor(self) -> torch.Tensor:
+        """The thresholds as a float32 tensor, cached until the list changes (any way)."""
+        key = tuple(self.thresholds)
+        cache = self._thr_cache
+        if cache is None or cache[0] != key:
+            cache = (key, torch.tensor(key, dtype=torch.float32))
+            self._thr_cache = cache
+        return cache[1]
+
+    def _zeros(self) -> torch.Tensor:
+        """(S,) float32 zeros: raw scores minus nothing (x - 0 is x, -inf stays -inf)."""
+        n = len(self.domain_ids)
+        if self._zero_thr is None or len(self._zero_thr) != n:
+            self._zero_thr = torch.zeros(n, dtype=torch.float32)
+        return self._zero_thr
 
     def route(self, features: np.ndarray | torch.Tensor) -> Routing:
         """Best domain per frame (-1 if every calibrated score is < 0) and its k-NN class."""
@@ -271,7 +359,7 @@ class DomainMemoryBank:
             "max_exemplars": self.max_exemplars,
             "tpr": self.tpr,
             "seed": self.seed,
-            "calib_fraction": self.calib_fraction,
+            "max_calibration": self.max_calibration,
             "domain_ids": list(self.domain_ids),
             "thresholds": list(self.thresholds),
             "encoder": self.encoder.config(),
@@ -308,7 +396,8 @@ class DomainMemoryBank:
             raise CheckpointError("memory bank labels do not match its exemplars")
         self.k, self.reduce = int(cfg["k"]), str(cfg["reduce"])
         self.max_exemplars, self.tpr = int(cfg["max_exemplars"]), float(cfg["tpr"])
-        self.seed, self.calib_fraction = int(cfg["seed"]), float(cfg["calib_fraction"])
+        self.seed = int(cfg["seed"])
+        self.max_calibration = int(cfg.get("max_calibration", 2000))
         self.encoder = enc
         self.packed, self.labels, self.offsets = (
             packed,

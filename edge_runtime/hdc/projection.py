@@ -49,6 +49,9 @@ class _Plan:
     width: int
     exact: bool
     signs: torch.Tensor | None
+    # the layers as tensors for kernels.fused_bank_scores: (L,2) int64 ranges, (L,) float32
+    bounds: torch.Tensor
+    weights: torch.Tensor
 
 
 def check_features(
@@ -186,7 +189,9 @@ class HypervectorEncoder:
             if self.projection == "hadamard":
                 signs = kernels.hadamard_signs(kept, self.dim, self.seed).contiguous()
             exact = all(float(np.float32(w)) == w for _, _, w in layers)
-            plan = _Plan(key, layers, kept, exact, signs)
+            bounds = torch.tensor([[a, b] for a, b, _ in layers], dtype=torch.int64)
+            weights = torch.tensor([w for _, _, w in layers], dtype=torch.float32)
+            plan = _Plan(key, layers, kept, exact, signs, bounds.reshape(-1, 2), weights)
             self._plan_cache = plan
         return plan
 
@@ -285,6 +290,15 @@ class HypervectorEncoder:
         if self.in_features is None:
             raise InputError("HypervectorEncoder is not fitted: call fit(features) first")
         return self.normalise(check_features(features, self.in_features))
+
+    def fused_plan(self) -> _Plan | None:
+        """The plan for :func:`kernels.fused_bank_scores` (normalise + Hadamard projection in
+        native code), or None when the settings need the general path: a Gaussian projection,
+        centring, or a weight that is not a float32 value."""
+        if self.in_features is None or self.projection != "hadamard" or self.center:
+            return None
+        plan = self._plan(self.in_features)
+        return plan if plan.exact and plan.signs is not None else None
 
     def encode_packed_checked(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`encode_packed` for a batch that already passed ``check_features(x, in_features)``

@@ -13,6 +13,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -141,13 +142,9 @@ void hamming_cpu(torch::Tensor query, torch::Tensor memory, torch::Tensor out, i
 // row chunk); each tile keeps its own partial top-k lists (in the output itself when there
 // is a single chunk), and partial lists are merged by (dist, idx) afterwards.
 // dist (B,S,k) int32 and idx (B,S,k) int64 are outputs.
-void segmented_topk_cpu(torch::Tensor query, torch::Tensor memory, torch::Tensor offsets,
-                        torch::Tensor dist, torch::Tensor idx, int64_t parallel_work) {
-  const int64_t b = query.size(0), m = memory.size(0), words = query.size(1);
-  const int64_t n_seg = offsets.size(0) - 1, k = dist.size(2);
-  const auto* q = reinterpret_cast<const uint64_t*>(query.data_ptr<int64_t>());
-  const auto* mem = reinterpret_cast<const uint64_t*>(memory.data_ptr<int64_t>());
-  const int64_t* off = offsets.data_ptr<int64_t>();
+static void segmented_topk_raw(const uint64_t* q, const uint64_t* mem, const int64_t* off, int64_t b,
+                               int64_t m, int64_t words, int64_t n_seg, int64_t k, int32_t* out_d,
+                               int64_t* out_i, int64_t parallel_work) {
 
   const int64_t qblocks = (b + kQueryBlock - 1) / kQueryBlock;
   const int64_t threads = at::get_num_threads();
@@ -160,8 +157,8 @@ void segmented_topk_cpu(torch::Tensor query, torch::Tensor memory, torch::Tensor
 
   std::vector<int32_t> part_d;
   std::vector<int64_t> part_i;
-  int32_t* pd = dist.data_ptr<int32_t>();
-  int64_t* pi = idx.data_ptr<int64_t>();
+  int32_t* pd = out_d;
+  int64_t* pi = out_i;
   if (chunks > 1) {
     part_d.resize(static_cast<size_t>(chunks * b * n_seg * k));
     part_i.resize(part_d.size());
@@ -193,8 +190,8 @@ void segmented_topk_cpu(torch::Tensor query, torch::Tensor memory, torch::Tensor
   if (chunks > 1) {
     // Chunks cover increasing row ranges, so pushing chunk 0's list, then chunk 1's, ...
     // preserves the lower-index tie-break.
-    int32_t* od = dist.data_ptr<int32_t>();
-    int64_t* oi = idx.data_ptr<int64_t>();
+    int32_t* od = out_d;
+    int64_t* oi = out_i;
     at::parallel_for(0, b * n_seg, 16, [&](int64_t begin, int64_t end) {
       for (int64_t l = begin; l < end; ++l) {
         TopK out{od + l * k, oi + l * k, k};
@@ -207,6 +204,15 @@ void segmented_topk_cpu(torch::Tensor query, torch::Tensor memory, torch::Tensor
       }
     });
   }
+}
+
+void segmented_topk_cpu(torch::Tensor query, torch::Tensor memory, torch::Tensor offsets,
+                        torch::Tensor dist, torch::Tensor idx, int64_t parallel_work) {
+  segmented_topk_raw(reinterpret_cast<const uint64_t*>(query.data_ptr<int64_t>()),
+                     reinterpret_cast<const uint64_t*>(memory.data_ptr<int64_t>()),
+                     offsets.data_ptr<int64_t>(), query.size(0), memory.size(0), query.size(1),
+                     offsets.size(0) - 1, dist.size(2), dist.data_ptr<int32_t>(),
+                     idx.data_ptr<int64_t>(), parallel_work);
 }
 
 template <typename scalar_t>
@@ -245,6 +251,35 @@ static inline void fwht(float* v, int64_t p) {
   }
 }
 
+// One row of the structured projection: sign(H D2 H D1 pad(xi)) per round, packed into oi.
+// v is a P-float scratch buffer. Shared by the projection kernel and the fused bank scorer,
+// so both give the same bits for the same input row.
+static inline void project_row(const float* xi, int64_t f, const float* sg, int64_t rounds, int64_t p,
+                               const float* bs, int64_t dim, float* v, uint64_t* oi) {
+  for (int64_t r = 0; r < rounds; ++r) {
+    const float* s1 = sg + (r * 2) * p;
+    const float* s2 = s1 + p;
+    for (int64_t j = 0; j < f; ++j) v[j] = xi[j] * s1[j];
+    std::fill(v + f, v + p, 0.0f);
+    fwht(v, p);
+    for (int64_t j = 0; j < p; ++j) v[j] *= s2[j];
+    fwht(v, p);
+    // p is a multiple of 64, so round r fills whole words starting at r*p/64.
+    const int64_t c0 = r * p;
+    for (int64_t w = 0; w < p / 64; ++w) {
+      const int64_t base = c0 + w * 64;
+      if (base >= dim) break;
+      const int64_t n = std::min<int64_t>(64, dim - base);
+      uint64_t bits = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const float h = bs ? v[w * 64 + j] + bs[base + j] : v[w * 64 + j];
+        bits |= static_cast<uint64_t>(h > 0) << j;
+      }
+      oi[base / 64] = bits;
+    }
+  }
+}
+
 // sign(H D2 H D1 pad(x)) per round, concatenated, cut to `dim`, plus optional bias, packed.
 // features (B,F) float32, signs (R,2,P) float32 of +-1, bias (dim,) float32 or empty.
 // The float hypervector lives only in a P-float scratch buffer per thread.
@@ -258,34 +293,84 @@ void hadamard_project_pack_cpu(torch::Tensor features, torch::Tensor signs, torc
   auto* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
   at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(static_cast<size_t>(p));
-    float* v = buf.data();
+    for (int64_t i = begin; i < end; ++i) project_row(x + i * f, f, sg, rounds, p, bs, dim, buf.data(), o + i * words);
+  });
+}
+
+// The memory bank's whole per-frame scoring step for a small batch, with no Python between
+// the stages: per-layer L2 normalisation and weighting (layers (L,2) int64 column ranges,
+// weights (L,) float32) → structured sign projection → per-segment Hamming top-k →
+// k-NN similarity (1 - 2d/D; reduce 0 = "kth" neighbour, 1 = "mean" of the valid ones; an
+// empty segment scores -inf) → minus thresholds (S,) float32. out (B,S) float32.
+// Normalisation: ||x|| accumulated in double, rounded to float, clamped at 1e-12 like
+// F.normalize; the division and weighting are single float32 operations, as in numpy.
+void fused_bank_scores_cpu(torch::Tensor features, torch::Tensor layers, torch::Tensor weights,
+                           bool layer_norm, torch::Tensor signs, int64_t dim, torch::Tensor memory,
+                           torch::Tensor offsets, int64_t k, int64_t reduce, torch::Tensor thresholds,
+                           torch::Tensor out, int64_t parallel_work) {
+  const int64_t b = features.size(0), f_in = features.size(1);
+  const int64_t n_layers = layers.size(0);
+  const int64_t rounds = signs.size(0), p = signs.size(2), words = (dim + 63) / 64;
+  const int64_t m = memory.size(0), n_seg = offsets.size(0) - 1;
+  const float* x = features.data_ptr<float>();
+  const int64_t* lay = layers.data_ptr<int64_t>();
+  const float* lw = weights.data_ptr<float>();
+  const float* sg = signs.data_ptr<float>();
+  const float* thr = thresholds.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  int64_t width = 0;
+  for (int64_t l = 0; l < n_layers; ++l) width += lay[2 * l + 1] - lay[2 * l];
+
+  std::vector<uint64_t> codes(static_cast<size_t>(b * words));
+  const auto project = [&](int64_t begin, int64_t end) {
+    std::vector<float> z(static_cast<size_t>(width)), buf(static_cast<size_t>(p));
     for (int64_t i = begin; i < end; ++i) {
-      const float* xi = x + i * f;
-      uint64_t* oi = o + i * words;
-      for (int64_t r = 0; r < rounds; ++r) {
-        const float* s1 = sg + (r * 2) * p;
-        const float* s2 = s1 + p;
-        for (int64_t j = 0; j < f; ++j) v[j] = xi[j] * s1[j];
-        std::fill(v + f, v + p, 0.0f);
-        fwht(v, p);
-        for (int64_t j = 0; j < p; ++j) v[j] *= s2[j];
-        fwht(v, p);
-        // p is a multiple of 64, so round r fills whole words starting at r*p/64.
-        const int64_t c0 = r * p;
-        for (int64_t w = 0; w < p / 64; ++w) {
-          const int64_t base = c0 + w * 64;
-          if (base >= dim) break;
-          const int64_t n = std::min<int64_t>(64, dim - base);
-          uint64_t bits = 0;
-          for (int64_t j = 0; j < n; ++j) {
-            const float h = bs ? v[w * 64 + j] + bs[base + j] : v[w * 64 + j];
-            bits |= static_cast<uint64_t>(h > 0) << j;
-          }
-          oi[base / 64] = bits;
+      const float* xi = x + i * f_in;
+      int64_t c = 0;
+      for (int64_t l = 0; l < n_layers; ++l) {
+        const int64_t a = lay[2 * l], e = lay[2 * l + 1];
+        const float w = lw[l];
+        if (layer_norm) {
+          double ss = 0.0;
+          for (int64_t j = a; j < e; ++j) ss += static_cast<double>(xi[j]) * xi[j];
+          const float norm = std::max(static_cast<float>(std::sqrt(ss)), 1e-12f);
+          for (int64_t j = a; j < e; ++j) z[c++] = (xi[j] / norm) * w;
+        } else {
+          for (int64_t j = a; j < e; ++j) z[c++] = xi[j] * w;
         }
       }
+      project_row(z.data(), width, sg, rounds, p, nullptr, dim, buf.data(), codes.data() + i * words);
     }
-  });
+  };
+  if (b == 1) project(0, 1);  // no thread pool round trip for the per-frame case
+  else at::parallel_for(0, b, 1, project);
+
+  std::vector<int32_t> dist(static_cast<size_t>(b * n_seg * k));
+  std::vector<int64_t> idx(dist.size());
+  segmented_topk_raw(codes.data(), reinterpret_cast<const uint64_t*>(memory.data_ptr<int64_t>()),
+                     offsets.data_ptr<int64_t>(), b, m, words, n_seg, k, dist.data(), idx.data(),
+                     parallel_work);
+
+  const double dd = static_cast<double>(dim);
+  for (int64_t l = 0; l < b * n_seg; ++l) {
+    const int32_t* d = dist.data() + l * k;
+    int64_t n_valid = 0;
+    double total = 0.0;
+    for (int64_t j = 0; j < k; ++j) {
+      if (d[j] == kPadDist) continue;
+      ++n_valid;
+      total += 1.0 - 2.0 * static_cast<double>(d[j]) / dd;
+    }
+    float sim;
+    if (n_valid == 0) {
+      sim = -std::numeric_limits<float>::infinity();
+    } else if (reduce == 0) {  // valid entries come first (ascending, padding last)
+      sim = static_cast<float>(1.0 - 2.0 * static_cast<double>(d[n_valid - 1]) / dd);
+    } else {
+      sim = static_cast<float>(total / static_cast<double>(n_valid));
+    }
+    o[l] = sim - thr[l % n_seg];
+  }
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -293,4 +378,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segmented_topk", &segmented_topk_cpu, "per-segment Hamming top-k");
   m.def("pack_bits", &pack_bits_cpu, "pack (N,D) float rows into (N,W) int64");
   m.def("hadamard_project_pack", &hadamard_project_pack_cpu, "structured sign projection, packed");
+  m.def("fused_bank_scores", &fused_bank_scores_cpu, "normalise, project, top-k, k-NN score, calibrate");
 }
