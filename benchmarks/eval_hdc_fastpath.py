@@ -2,11 +2,13 @@
 
     python benchmarks/eval_hdc_fastpath.py [--quick] [--out benchmarks/out]
 
-On the ``fashion-drift`` stream, with the runtime's encoder and HDC settings, three paths see
+On the ``fashion-drift`` stream, with the runtime's encoder and HDC settings, four paths see
 the same exemplars and the same (leave-one-out) calibration frames of every domain:
 
-  fast       Hadamard projection → sign → bit-packed exemplars → Hamming k-NN
+  fast       Hadamard projection → sign → bit-packed exemplars → Hamming scan keeping
+             ``hdc.rerank`` candidates per domain → their exact angles → k-NN
              (``DomainMemoryBank``, the runtime's path, through ``edge_runtime.kernels``)
+  hamming    the same scan scored by the Hamming estimate alone (``rerank=0``)
   float      the same projection kept real: MAP hypervectors (torchhd) → exact cosine k-NN,
              each neighbour's cosine mapped to its angular similarity 1 - 2·acos(cos)/π,
              the value a sign code's Hamming similarity estimates (the bar's reference)
@@ -127,18 +129,24 @@ def main() -> int:
     f_eval = cached_features(enc, stream.eval_images, "eval", progress=True)
 
     h = cfg.hdc
-    fast = DomainMemoryBank(
-        dim=h.dim,
-        k=h.k,
-        max_exemplars=h.max_exemplars,
-        tpr=h.tpr,
-        layer_dims=tuple(enc.spec.dims),
-        early_weight=h.early_weight,
-        seed=h.seed,
-        projection="hadamard",
-    )
+
+    def bank(rerank: int) -> DomainMemoryBank:
+        return DomainMemoryBank(
+            dim=h.dim,
+            k=h.k,
+            max_exemplars=h.max_exemplars,
+            tpr=h.tpr,
+            layer_dims=tuple(enc.spec.dims),
+            early_weight=h.early_weight,
+            seed=h.seed,
+            projection="hadamard",
+            rerank=rerank,
+        )
+
+    fast = bank(h.rerank)
     paths = {
         "fast": fast,
+        "hamming": bank(0),
         "float": FloatCosineBank(fast, "angle"),
         "float-cos": FloatCosineBank(fast, "cosine"),
     }
@@ -205,7 +213,13 @@ def main() -> int:
     result = {
         "scenario": scenario,
         "encoder_layers": list(cfg.encoder.layers),
-        "hdc": {"dim": h.dim, "k": h.k, "max_exemplars": h.max_exemplars, "tpr": h.tpr},
+        "hdc": {
+            "dim": h.dim,
+            "k": h.k,
+            "max_exemplars": h.max_exemplars,
+            "tpr": h.tpr,
+            "rerank": h.rerank,
+        },
         "domains": {int(d): len(v[1]) for d, v in domains.items()},
         "near_ood_segment": novel_seg,
         "far_ood_segment": far_seg,
@@ -217,7 +231,7 @@ def main() -> int:
         "route_and_ood_decision_identical": same_decision,
         "timings": timings,
     }
-    print(f"{scenario}: D={h.dim}, k={h.k}, domains {result['domains']}")
+    print(f"{scenario}: D={h.dim}, k={h.k}, rerank={h.rerank}, domains {result['domains']}")
     print(f"{'path':>9} | near AUROC | far AUROC | routed to the right domain | same route as fast")
     for name in paths:
         r = result[name]

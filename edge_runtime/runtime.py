@@ -857,6 +857,7 @@ def make_bank(config: RuntimeConfig, spec: FeatureSpec) -> DomainMemoryBank:
         early_weight=h.early_weight,
         projection=h.projection,
         seed=h.seed,
+        rerank=h.rerank,
     )
 
 

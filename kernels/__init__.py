@@ -5,7 +5,9 @@ takes ``backend=`` in {"auto", "reference", "cpp", "torch", "triton", "cuda"}):
 ``pack_bits``, ``unpack_bits``, ``hamming``, ``segmented_hamming_topk``,
 ``segmented_cosine_max``, ``sign_project_pack``, ``hadamard_project_pack`` (structured
 projection, no stored matrix; signs from ``hadamard_signs``) and ``project_and_topk``
-(the fused HDC step). Compiled kernels build lazily on first use, never at import.
+(the fused HDC step), ``fused_bank_scores`` (a memory bank's whole per-frame step) and
+``rerank_similarity`` (exact angles of the scan's candidates). Compiled kernels build
+lazily on first use, never at import.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from edge_runtime.kernels.api import (
 )
 from edge_runtime.kernels.hadamard import hadamard_block, hadamard_signs
 from edge_runtime.kernels.reference import words_for
+from edge_runtime.kernels.rerank import angular_similarity, rerank_similarity
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "angular_similarity",
     "fused_bank_scores",
     "hadamard_block",
     "hadamard_project_pack",
@@ -37,6 +41,7 @@ __all__ = [
     "hamming",
     "pack_bits",
     "project_and_topk",
+    "rerank_similarity",
     "resolve_backend",
     "segmented_cosine_max",
     "segmented_hamming_topk",

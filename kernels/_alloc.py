@@ -11,6 +11,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 _state = threading.local()
@@ -25,6 +26,13 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
         value = POISON_FLOAT if dtype.is_floating_point else POISON_INT
         return torch.full(shape, value, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def empty_numpy(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 numpy output buffer (poisoned with NaN under :func:`poisoned_outputs`)."""
+    if getattr(_state, "poison", False):
+        return np.full(shape, np.nan, dtype=np.float32)
+    return np.empty(shape, dtype=np.float32)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from edge_runtime.kernels import _checks, cpu_ext, reference, torch_backend
 from edge_runtime.kernels.hadamard import check_signs
+from edge_runtime.kernels.rerank import rerank_similarity
 
 from edge_runtime.errors import BackendUnavailableError, InputError
 
@@ -270,6 +271,8 @@ def fused_bank_scores(
     k: int,
     reduce: str,
     thresholds: torch.Tensor,
+    exact: torch.Tensor | None = None,
+    candidates: int = 0,
     *,
     backend: Backend = "auto",
 ) -> torch.Tensor:
@@ -280,8 +283,12 @@ def fused_bank_scores(
     Hadamard sign projection (``signs`` (R, 2, P), ``dim``); per-segment Hamming top-k against
     ``memory`` / ``offsets``; k-NN similarity ``1 - 2 d / dim`` reduced by ``reduce`` ("kth":
     the k-th valid neighbour, "mean": mean of the valid ones; an empty segment is -inf); minus
-    ``thresholds`` (S,) float32. The C++ backend does it without leaving native code; other
-    backends compose the public kernels (same result up to float rounding of the norms).
+    ``thresholds`` (S,) float32. With ``exact`` (M, width) unit-norm rows (float16 or
+    float32, row for row with ``memory``), the scan keeps ``candidates`` (>= k) rows per
+    segment and their exact angular similarities give the k-NN score
+    (:func:`~edge_runtime.kernels.rerank.rerank_similarity`). The C++ backend does it
+    without leaving native code; other backends compose the public kernels (same result up
+    to float rounding of the norms and dot products).
     """
     _checks.check_features(features)
     _checks.check_k(k)
@@ -304,6 +311,14 @@ def fused_bank_scores(
     _checks.check_packed("memory", memory, allow_empty=True)
     if thresholds.shape != (offsets.numel() - 1,):
         raise InputError(f"thresholds must be ({offsets.numel() - 1},), one per segment")
+    if exact is not None:
+        if not exact.dtype.is_floating_point or exact.shape != (memory.shape[0], width):
+            raise InputError(
+                f"exact must be ({memory.shape[0]}, {width}) float rows, got "
+                f"{tuple(exact.shape)} {exact.dtype}"
+            )
+        if candidates < k:
+            raise InputError(f"candidates must be >= k ({k}) to re-rank, got {candidates}")
     name = resolve_backend(backend, features.device)
     fn = _module("cpp").fused_bank_scores if name == "cpp" else _fused_bank_scores_composed
     return fn(
@@ -318,6 +333,8 @@ def fused_bank_scores(
         int(k),
         reduce,
         thresholds.float().to(features.device).contiguous(),
+        None if exact is None else exact.to(features.device, torch.float16).contiguous(),
+        int(candidates),
     )
 
 
@@ -333,6 +350,8 @@ def _fused_bank_scores_composed(
     k: int,
     reduce: str,
     thresholds: torch.Tensor,
+    exact: torch.Tensor | None = None,
+    candidates: int = 0,
 ) -> torch.Tensor:
     """:func:`fused_bank_scores` from torch ops and the public kernels (any backend/device)."""
     parts = []
@@ -343,6 +362,11 @@ def _fused_bank_scores_composed(
         parts.append(x * torch.tensor(w, dtype=torch.float32, device=x.device))
     z = torch.cat(parts, dim=1).contiguous()
     q = hadamard_project_pack(z, signs, dim)
+    if exact is not None:
+        _, rows = segmented_hamming_topk(q, memory, offsets, candidates)
+        unit = z / z.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        sim = rerank_similarity(rows, unit, exact, k, reduce)[0]
+        return sim - thresholds.to(torch.float32)
     dist, _ = segmented_hamming_topk(q, memory, offsets, k)
     valid = dist != _PAD_DISTANCE
     sim = 1.0 - 2.0 * dist.to(torch.float64) / dim

@@ -16,6 +16,7 @@ from edge_runtime.errors import BackendUnavailableError
 PARALLEL_WORK = 1 << 21
 # "no bias" for the kernels (read-only there), made once rather than per frame
 _NO_BIAS = torch.empty(0, dtype=torch.float32)
+_NO_EXACT = torch.empty(0, 0, dtype=torch.float16)  # "no re-ranking" for fused_bank_scores
 
 
 def _mod() -> ModuleType:
@@ -89,9 +90,12 @@ def fused_bank_scores(
     k: int,
     reduce: str,
     thresholds: torch.Tensor,
+    exact: torch.Tensor | None = None,
+    candidates: int = 0,
 ) -> torch.Tensor:
     out = _alloc.empty((features.shape[0], offsets.numel() - 1), torch.float32, features.device)
-    _mod().fused_bank_scores(
+    fused_bank_scores_into(
+        out,
         features,
         layers,
         weights,
@@ -101,12 +105,52 @@ def fused_bank_scores(
         memory,
         offsets,
         k,
-        _REDUCE[reduce],
+        reduce,
         thresholds,
-        out,
-        PARALLEL_WORK,
+        exact,
+        candidates,
     )
     return out
+
+
+def fused_bank_scores_into(
+    out: torch.Tensor,
+    features: torch.Tensor,
+    layers: torch.Tensor,
+    weights: torch.Tensor,
+    layer_norm: bool,
+    signs: torch.Tensor,
+    dim: int,
+    memory: torch.Tensor,
+    offsets: torch.Tensor,
+    k: int,
+    reduce: str,
+    thresholds: torch.Tensor,
+    exact: torch.Tensor | None = None,
+    candidates: int = 0,
+) -> int:
+    """:func:`fused_bank_scores` into ``out`` (B, S) float32; returns the number of rows of
+    ``features`` holding NaN or Inf (their outputs are NaN), so a caller that skipped its own
+    finiteness pass can still report them."""
+    return int(
+        _mod().fused_bank_scores(
+            features,
+            layers,
+            weights,
+            layer_norm,
+            signs,
+            dim,
+            memory,
+            offsets,
+            k,
+            _REDUCE[reduce],
+            thresholds,
+            _NO_EXACT if exact is None else exact,
+            int(candidates) if exact is not None else int(k),
+            out,
+            PARALLEL_WORK,
+        )
+    )
 
 
 _REDUCE = {"kth": 0, "mean": 1}  # the kernel's reduce codes

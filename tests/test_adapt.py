@@ -159,6 +159,21 @@ def test_router_ties_empty_and_nan():
     )
     with pytest.raises(InputError):
         r.route(np.zeros(3))
+    # One frame takes a plain-Python path: it must decide exactly as the batched one.
+    rng = np.random.default_rng(0)
+    s = rng.normal(0, 0.2, (200, 4)).astype(np.float32)
+    s[rng.random(s.shape) < 0.1] = np.nan
+    s[rng.random(s.shape) < 0.1] = -np.inf
+    s[5, :] = 0.0  # a tie at the threshold itself
+    s[6, :] = np.nan
+    for thr in (0.0, 0.1):
+        rt = Router(threshold=thr)
+        batch = rt.route(s, [2, 4, 6, 8])
+        for i in range(len(s)):
+            one = rt.route(s[i : i + 1], [2, 4, 6, 8])
+            assert one.domain.dtype == np.int64 and one.score.dtype == np.float32
+            assert one.domain[0] == batch.domain[i] and one.is_ood[0] == batch.is_ood[i]
+            assert np.array_equal(one.score, batch.score[i : i + 1])
 
 
 def test_worker_done_failed_timeout_and_busy():

@@ -27,7 +27,8 @@ def test_defaults_match_the_documented_schema() -> None:
     assert cfg.device.name == "x86-dev"
     assert cfg.device.memory_budget_mb == 4096
     assert cfg.encoder.precision == "fp32" and cfg.encoder.layers == [3, 18]
-    assert cfg.hdc.dim == 4096 and cfg.hdc.projection == "hadamard" and cfg.hdc.packed is True
+    assert cfg.hdc.dim == 2048 and cfg.hdc.projection == "hadamard" and cfg.hdc.packed is True
+    assert cfg.hdc.rerank == 16 and cfg.drift.confirm_frames == 20
     assert cfg.drift.method == "cusum" and cfg.drift.false_alarm_rate == 1e-4
     assert cfg.adapt.label_budget == 200 and cfg.adapt.max_adaptors == 8
     assert cfg.fleet.port == 1883 and cfg.fleet.qos == 1 and cfg.fleet.topic_prefix == "edge"
@@ -44,8 +45,8 @@ def test_model_dump_and_yaml_round_trip(tmp_path: Path) -> None:
 
 
 def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:
-    cfg = load_config(_write(tmp_path, {"hdc": {"dim": 2048}}))
-    assert cfg.hdc.dim == 2048 and cfg.hdc.k == 10 and cfg.adapt.label_budget == 200
+    cfg = load_config(_write(tmp_path, {"hdc": {"dim": 4096}}))
+    assert cfg.hdc.dim == 4096 and cfg.hdc.k == 10 and cfg.adapt.label_budget == 200
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:

@@ -249,20 +249,41 @@ def test_fused_path_follows_domain_and_threshold_changes() -> None:
 def test_fused_path_not_taken_for_centring_or_large_batches(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from edge_runtime.kernels import cpp_backend
+
     bank = _bank(1024, "hadamard", "mean")
     calls: list[int] = []
-    real = kernels.api.unchecked
+    real = cpp_backend.fused_bank_scores_into
 
-    def spy(op: str, device: torch.device, backend: str = "auto"):  # type: ignore[no-untyped-def]
-        if op == "fused_bank_scores":
-            calls.append(1)
-        return real(op, device, backend)
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernels.api, "unchecked", spy)
+    monkeypatch.setattr(cpp_backend, "fused_bank_scores_into", spy)
     bank.calibrated_scores(_features(64, 1))
     assert len(calls) == 1
     bank.calibrated_scores(_features(65, 1))  # above the fused batch limit
     assert len(calls) == 1
+    bank.calibrated_scores(torch.from_numpy(_features(3, 1)))  # a tensor: checked, then fused
+    assert len(calls) == 2
     bank.encoder.center = True  # centring needs the general path
     bank.calibrated_scores(_features(2, 1))
-    assert len(calls) == 1
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("rerank", [0, 16])
+def test_per_frame_path_reports_nan_and_inf_rows(rerank: int) -> None:
+    bank = DomainMemoryBank(
+        dim=1024, k=5, max_exemplars=100, layer_dims=LAYERS, projection="hadamard", rerank=rerank
+    )
+    bank.add_domain(0, _features(120, 2), np.zeros(120, dtype=np.int64))
+    x = _features(6, 3)
+    good = bank.calibrated_scores(x)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[4, 17] = bad
+        with pytest.raises(InputError, match=r"NaN or Inf values \(rows \[4\]\)"):
+            bank.calibrated_scores(y)
+        with pytest.raises(InputError, match="NaN or Inf"):
+            bank.scores(y[4:5])
+    assert np.array_equal(bank.calibrated_scores(x), good)  # nothing was left behind

@@ -7,6 +7,7 @@ in-distribution iff that score is >= ``threshold`` (0 by default).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,6 +52,16 @@ class Router:
                 np.full(n, -1, dtype=np.int64),
                 np.full(n, -np.inf, dtype=np.float32),
                 np.ones(n, dtype=bool),
+            )
+        if n == 1 and k <= 64:  # the per-frame case, in plain Python: numpy's per-call cost
+            row = [-math.inf if v != v else v for v in s[0].tolist()]  # NaN -> -inf
+            c = max(range(k), key=row.__getitem__)  # first maximum on ties
+            top = row[c]
+            dom = -1 if top == -math.inf else int(ids[c])
+            return RouteDecision(
+                np.array([dom], dtype=np.int64),
+                np.array([top], dtype=np.float32),
+                np.array([not top >= self.threshold]),
             )
         s = np.where(np.isnan(s), -np.inf, s)
         col = s.argmax(1)  # first maximum on ties

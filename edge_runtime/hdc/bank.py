@@ -13,6 +13,7 @@ runtime routes to the argmax and calls a frame OOD when every calibrated score i
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +26,12 @@ from edge_runtime.hdc.base import check_labels, threshold_for_tpr
 from edge_runtime.hdc.memory import (
     _QUERY_CHUNK,
     knn_similarity,
-    knn_similarity_np,
     knn_vote,
     segmented_topk,
     select_exemplars,
 )
 from edge_runtime.hdc.projection import HypervectorEncoder, check_features
+from edge_runtime.kernels import _alloc
 
 # Up to this many frames a query is one unchecked kernel call: the same call, so the same
 # bits, as ``segmented_topk`` makes for its single chunk.
@@ -38,6 +39,13 @@ _FAST_BATCH = _QUERY_CHUNK
 # Up to this many frames scores() / calibrated_scores() take kernels.fused_bank_scores: the
 # per-frame case, where Python and torch dispatch between the kernels cost more than they do.
 _FUSED_BATCH = 64
+_BACKEND_ENV = "EDGE_RUNTIME_KERNEL_BACKEND"
+
+
+def _cpp_backend() -> Any:
+    from edge_runtime.kernels import cpp_backend
+
+    return cpp_backend
 
 
 @dataclass
@@ -68,6 +76,7 @@ class DomainMemoryBank:
         projection: str = "gaussian",
         seed: int = 0,
         max_calibration: int = 2000,
+        rerank: int = 0,
     ):
         if k <= 0 or max_exemplars <= 0:
             raise InputError("k and max_exemplars must be > 0")
@@ -82,6 +91,9 @@ class DomainMemoryBank:
         if max_calibration <= 0:
             raise InputError(f"max_calibration must be > 0, got {max_calibration}")
         self.seed, self.max_calibration = int(seed), int(max_calibration)
+        if rerank < 0:
+            raise InputError(f"rerank must be >= 0 (0 = off), got {rerank}")
+        self.rerank = int(rerank)
         self.encoder = HypervectorEncoder(
             dim=dim,
             layer_dims=layer_dims,
@@ -96,9 +108,14 @@ class DomainMemoryBank:
         self.packed = torch.zeros(0, kernels.words_for(dim), dtype=torch.int64)
         self.labels = torch.zeros(0, dtype=torch.int64)
         self.offsets = torch.zeros(1, dtype=torch.int64)
+        # With rerank: unit-norm float16 copies of each exemplar's normalised features, row for
+        # row with ``packed`` (see kernels/rerank.py); None until the first domain.
+        self.exact: torch.Tensor | None = None
         # (thresholds as a tuple, float32 tensor): rebuilt whenever the list differs
         self._thr_cache: tuple[tuple[float, ...], torch.Tensor] | None = None
         self._zero_thr: torch.Tensor | None = None
+        # (EDGE_RUNTIME_KERNEL_BACKEND when resolved, the fused scorer or None)
+        self._fused_fn: tuple[str | None, Any] | None = None
 
     @property
     def dim(self) -> int:
@@ -109,7 +126,13 @@ class DomainMemoryBank:
 
     @property
     def nbytes(self) -> int:
-        return int(self.packed.numel() * 8)
+        extra = 0 if self.exact is None else self.exact.numel() * self.exact.element_size()
+        return int(self.packed.numel() * 8 + extra)
+
+    @property
+    def candidates(self) -> int:
+        """Rows per segment the packed scan keeps: k, or ``rerank`` (at least k) to re-score."""
+        return max(self.rerank, self.k) if self.rerank else self.k
 
     # ------------------------------------------------------------------ domains
     def calibration_rows(self, n: int, seed: int) -> torch.Tensor:
@@ -120,36 +143,69 @@ class DomainMemoryBank:
         rng = np.random.default_rng(seed)
         return torch.from_numpy(np.sort(rng.choice(n, self.max_calibration, replace=False)))
 
-    def _loo_similarity(
-        self, queries: torch.Tensor, memory: torch.Tensor, own_rows: torch.Tensor
-    ) -> np.ndarray:
-        """k-NN similarity of each query to ``memory`` without the query's own row.
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Checked features → unit-norm normalised vectors (what the projection sees)."""
+        z = self.encoder.normalise(x)
+        return z / z.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
-        ``own_rows[i]`` is the memory row holding query i, or -1. Scoring a frame
-        against a memory that holds it would make the threshold optimistic; holding
-        frames out instead would leave a few-shot domain both a smaller memory and a
-        noisier threshold (40 of 200 shots), so every frame stays in memory and is
-        scored leave-one-out: its k+1 nearest rows, less itself.
+    def _knn(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        offsets: torch.Tensor,
+        exact: torch.Tensor | None,
+        own: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k-NN similarity of checked features ``x`` to each segment of ``packed``: (B,S)
+        float32, with the (B,S,k) neighbour rows (best first) and their distances in bits.
+
+        ``own[i]`` is the row holding query i (-1: none) and is never its own neighbour.
+        Scoring a calibration frame against a memory that holds it would make the threshold
+        optimistic; holding frames out instead would leave a few-shot domain both a smaller
+        memory and a noisier threshold (40 of 200 shots), so every frame stays in memory and
+        is scored leave-one-out: its k+1 nearest rows, less itself.
         """
-        off = torch.tensor([0, len(memory)], dtype=torch.int64)
-        dist, rows = segmented_topk(queries, memory, off, self.k + 1)
-        dist, rows = dist[:, 0], rows[:, 0]
-        is_self = (rows == own_rows.unsqueeze(1)) & (own_rows.unsqueeze(1) >= 0)
-        # The self row moves to the end; a query not in memory drops its (k+1)-th instead.
-        order = torch.argsort(is_self.to(torch.int8), dim=1, stable=True)
-        dist = torch.gather(dist, 1, order)[:, : self.k]
-        return knn_similarity(dist.unsqueeze(1), self.dim, self.reduce)[:, 0].numpy()
+        c = self.candidates + (0 if own is None else 1)
+        q = self.encoder.encode_packed_checked(x)
+        if len(q) <= _FAST_BATCH and q.device.type == "cpu":
+            topk = kernels.api.unchecked("segmented_hamming_topk", q.device)
+            dist, rows = topk(q, packed, offsets, c)
+        else:
+            dist, rows = segmented_topk(q, packed, offsets, c)
+        if self.rerank:
+            assert exact is not None
+            sim, rows, ang = kernels.rerank_similarity(
+                rows, self._unit(x), exact, self.k, self.reduce, own
+            )
+            return sim, rows, (1.0 - ang) * (self.dim / 2.0)
+        if own is not None:  # the self row moves last; a query not in memory drops its (k+1)-th
+            mine = own.view(-1, 1, 1)
+            is_self = (rows == mine) & (mine >= 0)
+            order = torch.argsort(is_self.to(torch.int8), dim=2, stable=True)
+            dist = torch.gather(dist, 2, order)[:, :, : self.k]
+            rows = torch.gather(rows, 2, order)[:, :, : self.k]
+        return knn_similarity(dist, self.dim, self.reduce), rows, dist
+
+    def _exact_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self._unit(x).to(torch.float16) if self.rerank else None
 
     def _calibrate(
-        self, x: torch.Tensor, keep: torch.Tensor, memory: torch.Tensor, offset: int, seed: int
+        self,
+        x: torch.Tensor,
+        keep: torch.Tensor,
+        packed: torch.Tensor,
+        exact: torch.Tensor | None,
+        offset: int,
+        seed: int,
     ) -> float:
-        """Threshold from leave-one-out scores of (a sample of) ``x`` against ``memory``, in
-        which ``x[keep[j]]`` is row ``offset + j``."""
+        """Threshold from leave-one-out scores of (a sample of) ``x`` against one segment
+        (``packed``, ``exact``), in which ``x[keep[j]]`` is row ``offset + j``."""
         own = torch.full((len(x),), -1, dtype=torch.int64)
         own[keep] = torch.arange(len(keep), dtype=torch.int64) + offset
         cal = self.calibration_rows(len(x), seed)
-        scores = self._loo_similarity(self.encoder.encode_packed(x[cal]), memory, own[cal])
-        return threshold_for_tpr(scores, self.tpr)
+        off = torch.tensor([0, len(packed)], dtype=torch.int64)
+        sim, _, _ = self._knn(x[cal], packed, off, exact, own[cal])
+        return threshold_for_tpr(sim[:, 0].numpy(), self.tpr)
 
     def add_domain(
         self,
@@ -177,13 +233,16 @@ class DomainMemoryBank:
             select_exemplars(y.numpy(), self.max_exemplars, self.seed + domain_id)
         )
         packed = self.encoder.encode_packed(x[keep])
+        exact = self._exact_rows(x[keep])
         if calib_features is None:
-            threshold = self._calibrate(x, keep, packed, 0, self.seed + domain_id)
+            threshold = self._calibrate(x, keep, packed, exact, 0, self.seed + domain_id)
         else:
             calib = check_features(calib_features, self.encoder.in_features, name="calib_features")
-            no_self = torch.full((len(calib),), -1, dtype=torch.int64)
-            scores = self._loo_similarity(self.encoder.encode_packed(calib), packed, no_self)
-            threshold = threshold_for_tpr(scores, self.tpr)
+            off = torch.tensor([0, len(packed)], dtype=torch.int64)
+            sim, _, _ = self._knn(calib, packed, off, exact)
+            threshold = threshold_for_tpr(sim[:, 0].numpy(), self.tpr)
+        if exact is not None:
+            self.exact = exact if self.exact is None else torch.cat([self.exact, exact])
         self.packed = torch.cat([self.packed, packed])
         self.labels = torch.cat([self.labels, y[keep]])
         self.offsets = torch.cat([self.offsets, self.offsets[-1:] + len(packed)])
@@ -215,9 +274,14 @@ class DomainMemoryBank:
         seed = self.seed + domain_id + len(self.labels)
         keep = torch.from_numpy(select_exemplars(y.numpy(), self.max_exemplars, seed))
         packed = self.encoder.encode_packed(x[keep])
+        exact = self._exact_rows(x[keep])
         lo, hi = int(self.offsets[s]), int(self.offsets[s + 1])
         segment = torch.cat([self.packed[lo:hi], packed])
-        new_thr = self._calibrate(x, keep, segment, hi - lo, seed)
+        seg_exact = None
+        if exact is not None and self.exact is not None:
+            seg_exact = torch.cat([self.exact[lo:hi], exact])
+            self.exact = torch.cat([self.exact[:hi], exact, self.exact[hi:]])
+        new_thr = self._calibrate(x, keep, segment, seg_exact, hi - lo, seed)
         threshold = min(self.thresholds[s], new_thr)
         self.packed = torch.cat([self.packed[:hi], packed, self.packed[hi:]])
         self.labels = torch.cat([self.labels[:hi], y[keep], self.labels[hi:]])
@@ -233,6 +297,8 @@ class DomainMemoryBank:
         s = self.domain_ids.index(int(domain_id))
         lo, hi = int(self.offsets[s]), int(self.offsets[s + 1])
         self.packed = torch.cat([self.packed[:lo], self.packed[hi:]])
+        if self.exact is not None:
+            self.exact = torch.cat([self.exact[:lo], self.exact[hi:]])
         self.labels = torch.cat([self.labels[:lo], self.labels[hi:]])
         sizes = torch.diff(self.offsets)
         sizes = torch.cat([sizes[:s], sizes[s + 1 :]])
@@ -254,62 +320,96 @@ class DomainMemoryBank:
         # paths (packed/offsets are built by this class and checked on load_state_dict).
         return check_features(features, self.encoder.in_features)
 
-    def _query(self, features: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._topk(self._checked(features))
-
-    def _topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.encoder.encode_packed_checked(x)
-        if len(q) <= _FAST_BATCH and q.device.type == "cpu":
-            topk = kernels.api.unchecked("segmented_hamming_topk", q.device)
-            return topk(q, self.packed, self.offsets, self.k)
-        return segmented_topk(q, self.packed, self.offsets, self.k)
-
     def scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N,S) float32 raw k-NN similarity to each domain (columns follow ``domain_ids``)."""
+        fast = self._per_frame(features, calibrated=False)
+        if fast is not None:
+            return fast
         x = self._checked(features)
         fused = self._fused(x, calibrated=False)
         if fused is not None:
             return fused
-        dist, _ = self._topk(x)
-        return knn_similarity_np(dist, self.dim, self.reduce)
+        return self._knn(x, self.packed, self.offsets, self.exact)[0].numpy()
 
     def calibrated_scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N,S) float32 score minus each domain's threshold: >= 0 means in-distribution there."""
+        fast = self._per_frame(features, calibrated=True)
+        if fast is not None:
+            return fast
         x = self._checked(features)
         fused = self._fused(x, calibrated=True)
         if fused is not None:
             return fused
-        dist, _ = self._topk(x)
-        sim = knn_similarity_np(dist, self.dim, self.reduce)
+        sim = self._knn(x, self.packed, self.offsets, self.exact)[0].numpy()
         return sim - np.asarray(self.thresholds, dtype=np.float32)
 
-    def _fused(self, x: torch.Tensor, *, calibrated: bool) -> np.ndarray | None:
-        """Small-batch scores in one native call (kernels.fused_bank_scores), or None when the
-        settings, batch, backend or reduce need the general path. The norms are accumulated
-        differently from torch's, so a score may differ from the general path's by float
-        rounding (sign bits of near-zero projections); see tests/test_hdc_fastpath.py."""
-        if len(x) > _FUSED_BATCH or self.reduce not in ("kth", "mean"):
-            return None
+    def _fused_native(self) -> Any:
+        """The native scorer when it applies to this bank on CPU, else None; looked up once per
+        value of EDGE_RUNTIME_KERNEL_BACKEND (an override must be honoured)."""
+        env = os.environ.get(_BACKEND_ENV)
+        if self._fused_fn is None or self._fused_fn[0] != env:
+            cpu = torch.device("cpu")
+            ok = self.reduce in ("kth", "mean") and kernels.resolve_backend("auto", cpu) == "cpp"
+            self._fused_fn = (env, _cpp_backend().fused_bank_scores_into if ok else None)
+        return self._fused_fn[1]
+
+    def _fused_args(self, calibrated: bool) -> tuple | None:
         plan = self.encoder.fused_plan()
-        if plan is None or not (self.packed.is_contiguous() and self.offsets.is_contiguous()):
+        if plan is None:
             return None
-        if kernels.resolve_backend("auto", x.device) != "cpp":
-            return None  # e.g. EDGE_RUNTIME_KERNEL_BACKEND=torch: honour the override
-        fn = kernels.api.unchecked("fused_bank_scores", x.device)
-        out = fn(
-            x.contiguous(),
+        return (
             plan.bounds,
             plan.weights,
             self.encoder.layer_norm,
             plan.signs,
-            self.dim,
+            self.encoder.dim,
             self.packed,
             self.offsets,
             self.k,
             self.reduce,
             self._thresholds_tensor() if calibrated else self._zeros(),
+            self.exact if self.rerank else None,
+            self.candidates,
         )
-        return out.numpy()
+
+    def _per_frame(self, features: Any, *, calibrated: bool) -> np.ndarray | None:
+        """The serving path: a C-contiguous float32 numpy batch of up to ``_FUSED_BATCH``
+        frames goes straight to the native scorer, which also spots NaN/Inf rows, so no
+        numpy pass runs before it. It runs right after the encoder has evicted the caches,
+        where each Python-level step costs tens of microseconds. None: take the general path.
+        """
+        if not (
+            type(features) is np.ndarray
+            and features.dtype == np.float32
+            and features.ndim == 2
+            and 0 < features.shape[0] <= _FUSED_BATCH
+            and features.shape[1] == self.encoder.in_features
+            and features.flags.c_contiguous
+            and self.domain_ids
+        ):
+            return None
+        native = self._fused_native()
+        args = self._fused_args(calibrated) if native is not None else None
+        if args is None:
+            return None
+        out = _alloc.empty_numpy((features.shape[0], len(self.domain_ids)))
+        if native(torch.from_numpy(out), torch.from_numpy(features), *args):
+            check_features(features, self.encoder.in_features)  # names the bad rows
+        return out
+
+    def _fused(self, x: torch.Tensor, *, calibrated: bool) -> np.ndarray | None:
+        """:meth:`_per_frame` for an already checked batch (e.g. a torch tensor), or None when
+        the batch, settings or backend need the general path. The native norms are
+        accumulated differently from torch's, so a score may differ from the general path's
+        by float rounding (sign bits of near-zero projections); see tests/test_hdc_fastpath.py.
+        """
+        if len(x) > _FUSED_BATCH or x.device.type != "cpu" or self._fused_native() is None:
+            return None
+        args = self._fused_args(calibrated)
+        if args is None:
+            return None
+        fn = kernels.api.unchecked("fused_bank_scores", x.device)
+        return fn(x.contiguous(), *args).numpy()
 
     def _thresholds_tensor(self) -> torch.Tensor:
         """The thresholds as a float32 tensor, cached until the list changes (any way)."""
@@ -329,10 +429,8 @@ class DomainMemoryBank:
 
     def route(self, features: np.ndarray | torch.Tensor) -> Routing:
         """Best domain per frame (-1 if every calibrated score is < 0) and its k-NN class."""
-        dist, rows = self._query(features)
-        cal = knn_similarity_np(dist, self.dim, self.reduce) - np.asarray(
-            self.thresholds, dtype=np.float32
-        )
+        sim, rows, dist = self._knn(self._checked(features), self.packed, self.offsets, self.exact)
+        cal = sim.numpy() - np.asarray(self.thresholds, dtype=np.float32)
         best = cal.argmax(axis=1)
         b = torch.from_numpy(best)
         ar = torch.arange(len(best))
@@ -353,6 +451,8 @@ class DomainMemoryBank:
             "offsets": self.offsets.contiguous(),
         }
         tensors.update(self.encoder.tensors())
+        if self.exact is not None:
+            tensors["exact"] = self.exact.contiguous()
         config = {
             "k": self.k,
             "reduce": self.reduce,
@@ -360,6 +460,7 @@ class DomainMemoryBank:
             "tpr": self.tpr,
             "seed": self.seed,
             "max_calibration": self.max_calibration,
+            "rerank": self.rerank,
             "domain_ids": list(self.domain_ids),
             "thresholds": list(self.thresholds),
             "encoder": self.encoder.config(),
@@ -374,6 +475,8 @@ class DomainMemoryBank:
             packed, labels, offsets = t["packed"], t["labels"], t["offsets"]
             ids = [int(i) for i in cfg["domain_ids"]]
             thr = [float(v) for v in cfg["thresholds"]]
+            rerank = int(cfg.get("rerank", 0))
+            exact = t.get("exact")
         except CheckpointError:
             raise
         except (KeyError, TypeError, ValueError, InputError) as exc:
@@ -394,10 +497,24 @@ class DomainMemoryBank:
             raise CheckpointError("memory bank offsets, domains and thresholds disagree")
         if labels.shape != (len(packed),):
             raise CheckpointError("memory bank labels do not match its exemplars")
+        if rerank < 0 or (rerank and len(packed) and exact is None):
+            raise CheckpointError("memory bank re-ranks but holds no exact exemplar vectors")
+        if exact is not None and (
+            not exact.dtype.is_floating_point
+            or exact.ndim != 2
+            or len(exact) != len(packed)
+            or (enc.in_features is not None and exact.shape[1] != enc.normalised_width)
+        ):
+            raise CheckpointError(
+                f"memory bank exact vectors {tuple(exact.shape)} do not match its exemplars"
+            )
         self.k, self.reduce = int(cfg["k"]), str(cfg["reduce"])
         self.max_exemplars, self.tpr = int(cfg["max_exemplars"]), float(cfg["tpr"])
         self.seed = int(cfg["seed"])
         self.max_calibration = int(cfg.get("max_calibration", 2000))
+        self.rerank = rerank
+        self.exact = None if exact is None or not rerank else exact.to(torch.float16)
+        self._fused_fn = None
         self.encoder = enc
         self.packed, self.labels, self.offsets = (
             packed,

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -112,6 +113,27 @@ struct TopK {
 inline int64_t segment_of(const int64_t* offsets, int64_t n_seg, int64_t row) {
   const int64_t* it = std::upper_bound(offsets, offsets + n_seg + 1, row);
   return static_cast<int64_t>(it - offsets) - 1;
+}
+
+// Dot product of a float32 vector and an IEEE float16 row (torch's at::Half bits).
+inline float dot_half(const float* q, const uint16_t* h, int64_t n) {
+  int64_t j = 0;
+  float s = 0.0f;
+#if defined(__F16C__) && defined(__FMA__) && defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + j)));
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), v, acc);
+  }
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  s = _mm_cvtss_f32(lo);
+  for (; j < n; ++j) s += q[j] * _cvtsh_ss(h[j]);
+#else
+  for (; j < n; ++j) s += q[j] * static_cast<float>(c10::Half(h[j], c10::Half::from_bits()));
+#endif
+  return s;
 }
 
 }  // namespace
@@ -304,10 +326,11 @@ void hadamard_project_pack_cpu(torch::Tensor features, torch::Tensor signs, torc
 // empty segment scores -inf) → minus thresholds (S,) float32. out (B,S) float32.
 // Normalisation: ||x|| accumulated in double, rounded to float, clamped at 1e-12 like
 // F.normalize; the division and weighting are single float32 operations, as in numpy.
-void fused_bank_scores_cpu(torch::Tensor features, torch::Tensor layers, torch::Tensor weights,
+int64_t fused_bank_scores_cpu(torch::Tensor features, torch::Tensor layers, torch::Tensor weights,
                            bool layer_norm, torch::Tensor signs, int64_t dim, torch::Tensor memory,
                            torch::Tensor offsets, int64_t k, int64_t reduce, torch::Tensor thresholds,
-                           torch::Tensor out, int64_t parallel_work) {
+                           torch::Tensor exact, int64_t candidates, torch::Tensor out,
+                           int64_t parallel_work) {
   const int64_t b = features.size(0), f_in = features.size(1);
   const int64_t n_layers = layers.size(0);
   const int64_t rounds = signs.size(0), p = signs.size(2), words = (dim + 63) / 64;
@@ -321,11 +344,26 @@ void fused_bank_scores_cpu(torch::Tensor features, torch::Tensor layers, torch::
   int64_t width = 0;
   for (int64_t l = 0; l < n_layers; ++l) width += lay[2 * l + 1] - lay[2 * l];
 
+  // Re-ranking (exact non-empty): keep `candidates` rows per segment, score them by the exact
+  // angle between unit-norm vectors (exact: (M, width) float16 rows), as kernels/rerank.py.
+  const bool rerank = exact.numel() > 0;
+  const int64_t k_scan = rerank ? candidates : k;
+  std::vector<float> unit(rerank ? static_cast<size_t>(b * width) : 0);
+
+  // A row with NaN or Inf anywhere is not scored: its outputs become NaN and the return value
+  // counts such rows, so the caller can report the bad input without a pass of its own.
+  std::vector<uint8_t> bad(static_cast<size_t>(b), 0);
   std::vector<uint64_t> codes(static_cast<size_t>(b * words));
   const auto project = [&](int64_t begin, int64_t end) {
     std::vector<float> z(static_cast<size_t>(width)), buf(static_cast<size_t>(p));
     for (int64_t i = begin; i < end; ++i) {
       const float* xi = x + i * f_in;
+      float probe = 0.0f;  // x * 0 is NaN exactly when x is NaN or infinite
+      for (int64_t j = 0; j < f_in; ++j) probe += xi[j] * 0.0f;
+      if (probe != probe) {
+        bad[i] = 1;
+        continue;
+      }
       int64_t c = 0;
       for (int64_t l = 0; l < n_layers; ++l) {
         const int64_t a = lay[2 * l], e = lay[2 * l + 1];
@@ -340,37 +378,91 @@ void fused_bank_scores_cpu(torch::Tensor features, torch::Tensor layers, torch::
         }
       }
       project_row(z.data(), width, sg, rounds, p, nullptr, dim, buf.data(), codes.data() + i * words);
+      if (rerank) {
+        double ss = 0.0;
+        for (int64_t j = 0; j < width; ++j) ss += static_cast<double>(z[j]) * z[j];
+        const float norm = std::max(static_cast<float>(std::sqrt(ss)), 1e-12f);
+        for (int64_t j = 0; j < width; ++j) unit[i * width + j] = z[j] / norm;
+      }
     }
   };
   if (b == 1) project(0, 1);  // no thread pool round trip for the per-frame case
   else at::parallel_for(0, b, 1, project);
 
-  std::vector<int32_t> dist(static_cast<size_t>(b * n_seg * k));
+  std::vector<int32_t> dist(static_cast<size_t>(b * n_seg * k_scan));
   std::vector<int64_t> idx(dist.size());
   segmented_topk_raw(codes.data(), reinterpret_cast<const uint64_t*>(memory.data_ptr<int64_t>()),
-                     offsets.data_ptr<int64_t>(), b, m, words, n_seg, k, dist.data(), idx.data(),
+                     offsets.data_ptr<int64_t>(), b, m, words, n_seg, k_scan, dist.data(), idx.data(),
                      parallel_work);
 
-  const double dd = static_cast<double>(dim);
-  for (int64_t l = 0; l < b * n_seg; ++l) {
-    const int32_t* d = dist.data() + l * k;
-    int64_t n_valid = 0;
-    double total = 0.0;
-    for (int64_t j = 0; j < k; ++j) {
-      if (d[j] == kPadDist) continue;
-      ++n_valid;
-      total += 1.0 - 2.0 * static_cast<double>(d[j]) / dd;
+  if (rerank) {
+    const auto* ex = reinterpret_cast<const uint16_t*>(exact.data_ptr<at::Half>());
+    const double pi = 3.14159265358979323846;
+    std::vector<double> ang(static_cast<size_t>(k_scan));
+#if defined(__x86_64__)
+    // The candidates are scattered rows of a large table: ask for all of them before the
+    // first dot product, so their cache misses overlap instead of queueing one row at a time.
+    const int64_t row_bytes = width * static_cast<int64_t>(sizeof(uint16_t));
+    for (int64_t l = 0; l < b * n_seg * k_scan; ++l) {
+      if (idx[l] < 0) continue;
+      const char* row = reinterpret_cast<const char*>(ex + idx[l] * width);
+      for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
     }
-    float sim;
-    if (n_valid == 0) {
-      sim = -std::numeric_limits<float>::infinity();
-    } else if (reduce == 0) {  // valid entries come first (ascending, padding last)
-      sim = static_cast<float>(1.0 - 2.0 * static_cast<double>(d[n_valid - 1]) / dd);
-    } else {
-      sim = static_cast<float>(total / static_cast<double>(n_valid));
+#endif
+    for (int64_t l = 0; l < b * n_seg; ++l) {
+      const int64_t* rows = idx.data() + l * k_scan;
+      const float* zq = unit.data() + (l / n_seg) * width;
+      int64_t n = 0;
+      for (int64_t j = 0; j < k_scan; ++j) {
+        if (rows[j] < 0) continue;
+        const double c = std::min(1.0, std::max(-1.0, static_cast<double>(dot_half(zq, ex + rows[j] * width, width))));
+        ang[n++] = 1.0 - 2.0 * std::acos(c) / pi;
+      }
+      float sim;
+      const int64_t keep = std::min(n, k);
+      if (keep == 0) {
+        sim = -std::numeric_limits<float>::infinity();
+      } else {
+        std::partial_sort(ang.begin(), ang.begin() + keep, ang.begin() + n, std::greater<double>());
+        if (reduce == 0) {
+          sim = static_cast<float>(ang[keep - 1]);
+        } else {
+          double total = 0.0;
+          for (int64_t j = 0; j < keep; ++j) total += ang[j];
+          sim = static_cast<float>(total / static_cast<double>(keep));
+        }
+      }
+      o[l] = sim - thr[l % n_seg];
     }
-    o[l] = sim - thr[l % n_seg];
+  } else {
+    const double dd = static_cast<double>(dim);
+    for (int64_t l = 0; l < b * n_seg; ++l) {
+      const int32_t* d = dist.data() + l * k;
+      int64_t n_valid = 0;
+      double total = 0.0;
+      for (int64_t j = 0; j < k; ++j) {
+        if (d[j] == kPadDist) continue;
+        ++n_valid;
+        total += 1.0 - 2.0 * static_cast<double>(d[j]) / dd;
+      }
+      float sim;
+      if (n_valid == 0) {
+        sim = -std::numeric_limits<float>::infinity();
+      } else if (reduce == 0) {  // valid entries come first (ascending, padding last)
+        sim = static_cast<float>(1.0 - 2.0 * static_cast<double>(d[n_valid - 1]) / dd);
+      } else {
+        sim = static_cast<float>(total / static_cast<double>(n_valid));
+      }
+      o[l] = sim - thr[l % n_seg];
+    }
   }
+  int64_t n_bad = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    if (!bad[i]) continue;
+    ++n_bad;
+    for (int64_t t = 0; t < n_seg; ++t) o[i * n_seg + t] = std::numeric_limits<float>::quiet_NaN();
+  }
+  return n_bad;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
