@@ -2,8 +2,9 @@
 
 Frozen MobileNetV2 (input 64, layers 3/6/18) features of Fashion-MNIST; the base domain (classes
 0-5, train split) goes into the real HDC ``DomainMemoryBank`` (95% TPR threshold calibrated
-leave-one-out on the train frames). Streams are served test frames: an in-distribution prefix, then a change
-to one of: fog (severity 4), Gaussian noise (3), rotation (3) of classes 0-5, or new classes 6-9.
+leave-one-out on the train frames). Streams are served test frames: an in-distribution prefix,
+then a change to one of: fog (severity 4), Gaussian noise (3), rotation (3) of classes 0-5,
+or new classes 6-9.
 
 Measured, side by side for the CUSUM (indicator) and Page-Hinkley (score) detectors, and for
 CUSUM whose alarms the monitor confirms on the next 20 frames (the runtime's default):
