@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 
 from edge_runtime.adapt.adaptor import Adaptor, build_adaptor, train_adaptor
@@ -375,12 +376,14 @@ class Runtime:
         self._emit("alert", frame, reason=etype, kind=kind, domains=len(self.domains))
         # Extending a known domain with new classes needs no new adaptor slot.
         grows = kind != KNOWN_DOMAIN and not (kind == NOVEL_CLASS and self.novel_policy == "extend")
+        refused = None
         if grows and self.registry.full:
-            self._emit(
-                "adaptation_refused",
-                frame,
-                reason=f"adapt.max_adaptors={self.config.adapt.max_adaptors} reached",
-            )
+            refused = f"adapt.max_adaptors={self.config.adapt.max_adaptors} reached"
+        elif grows:
+            refused = self._memory_refusal()
+        if refused is not None:
+            log.warning("frame %d: adaptation refused: %s", frame, refused)
+            self._emit("adaptation_refused", frame, reason=refused)
             self.monitor.reset()
             self.route_detector.reset()
             return
@@ -388,6 +391,26 @@ class Runtime:
         self._trigger = (frame, kind)
         self._collect_left = self.label_budget
         self._emit("labels_requested", frame, labels=self.label_budget)
+
+    def _memory_refusal(self) -> str | None:
+        """Why growing one more domain would break ``device.memory_budget_mb``, or None.
+
+        The process's resident memory now plus what a new domain adds: its exemplar codes and
+        re-ranking vectors for ``label_budget`` shots, and a head over the encoder features
+        (bounded by every known class plus ``label_budget`` new ones).
+        """
+        budget = float(self.config.device.memory_budget_mb)
+        rss = psutil.Process().memory_info().rss / 2**20
+        per_shot = self.bank.nbytes / max(1, len(self.bank.labels))
+        n_classes = len(self.registry.all_labels())
+        head = 4 * (self.encoder.spec.dim + 1) * (n_classes + self.label_budget)
+        need = (per_shot * self.label_budget + head) / 2**20
+        if rss + need <= budget:
+            return None
+        return (
+            f"device.memory_budget_mb={budget:g} would be exceeded: resident {rss:.0f} MB "
+            f"+ {need:.1f} MB for the new domain"
+        )
 
     def request_adaptation(self, kind: str = DOMAIN_SHIFT, frame: int | None = None) -> None:
         """Start collecting labels now, as if the monitor had flagged ``kind`` (an operator's

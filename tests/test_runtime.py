@@ -228,3 +228,26 @@ def test_corrupt_or_mismatched_checkpoint(encoder, data, tmp_path) -> None:
     tensors.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError):
         Runtime.load(path, encoder)
+
+
+@pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        ({"adapt.max_adaptors": 1}, "adapt.max_adaptors=1 reached"),
+        ({"device.memory_budget_mb": 64}, "device.memory_budget_mb=64 would be exceeded"),
+    ],
+)
+def test_profile_budgets_refuse_growth_and_serving_goes_on(
+    encoder, data, override: dict, reason: str
+) -> None:
+    rt = Runtime(CFG.with_overrides(override), encoder, background=False)
+    rt.fit_base(data["train_x"], data["train_y"])
+    decs = _serve(rt, data, 0, 300)
+    events = [e for d in decs for e in d.events]
+    refused = [e for e in events if e["type"] == "adaptation_refused"]
+    assert refused and reason in refused[0]["reason"]
+    assert 160 <= refused[0]["frame"] < 300  # the fog shift was flagged, then refused
+    assert not [e for e in events if e["type"] == "adaptation_started"]
+    assert sorted(rt.domains) == [0] and rt.labels_used == 0
+    served = np.concatenate([d.prediction for d in decs])
+    assert len(served) == 300 and (served >= 0).all()  # every frame still served
