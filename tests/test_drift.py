@@ -166,3 +166,18 @@ def test_monitor_uses_the_novelty_classifier():
     restored = NoveltyClassifier.from_state_dict(json.loads(json.dumps(nov.state_dict())))
     x = rng.normal(0, 2, (50, 4))
     assert np.allclose(restored.distances(x), nov.distances(x))
+
+
+def test_pending_alarm_survives_a_checkpoint():
+    burst = np.zeros(200, bool)
+    burst[100:] = True  # a real shift: the alarm fires, then awaits 20 confirming frames
+    mon = DriftMonitor(BernoulliCUSUM(warmup=0, p0=0.05), confirm_frames=20, confirm_rate=0.3)
+    assert mon.update_batch(np.arange(108), burst[:108], np.zeros(108)) == []
+    state = json.loads(json.dumps(mon.state_dict()))
+    assert state["candidate"] is not None and state["confirm_frames"] == 20
+    other = DriftMonitor(BernoulliCUSUM(warmup=0, p0=0.05))
+    other.load_state_dict(state)
+    a = mon.update_batch(np.arange(108, 200), burst[108:], np.zeros(92))
+    b = other.update_batch(np.arange(108, 200), burst[108:], np.zeros(92))
+    assert a and [e.frame for e in a] == [e.frame for e in b]
+    assert a[0].evidence["alarm_frame"] == b[0].evidence["alarm_frame"]
