@@ -27,8 +27,8 @@ from edge_runtime.kernels.api import (
     unpack_bits,
 )
 from edge_runtime.kernels.hadamard import hadamard_block, hadamard_signs
+from edge_runtime.kernels.knn import angular_similarity, knn_similarity, rerank_similarity
 from edge_runtime.kernels.reference import words_for
-from edge_runtime.kernels.rerank import angular_similarity, rerank_similarity
 
 __all__ = [
     "BACKENDS",
@@ -39,6 +39,7 @@ __all__ = [
     "hadamard_project_pack",
     "hadamard_signs",
     "hamming",
+    "knn_similarity",
     "pack_bits",
     "project_and_topk",
     "rerank_similarity",

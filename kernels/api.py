@@ -19,13 +19,12 @@ from typing import Any, Literal
 import torch
 from edge_runtime.kernels import _checks, cpu_ext, reference, torch_backend
 from edge_runtime.kernels.hadamard import check_signs
-from edge_runtime.kernels.rerank import rerank_similarity
+from edge_runtime.kernels.knn import knn_similarity, rerank_similarity
 
 from edge_runtime.errors import BackendUnavailableError, InputError
 
 Backend = Literal["auto", "reference", "cpp", "torch", "triton", "cuda"]
 BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp", "torch", "triton", "cuda")
-_PAD_DISTANCE = 2**31 - 1  # the distance the kernels report for a missing neighbour
 
 
 @functools.lru_cache(maxsize=1)
@@ -286,7 +285,7 @@ def fused_bank_scores(
     ``thresholds`` (S,) float32. With ``exact`` (M, width) unit-norm rows (float16 or
     float32, row for row with ``memory``), the scan keeps ``candidates`` (>= k) rows per
     segment and their exact angular similarities give the k-NN score
-    (:func:`~edge_runtime.kernels.rerank.rerank_similarity`). The C++ backend does it
+    (:func:`~edge_runtime.kernels.knn.rerank_similarity`). The C++ backend does it
     without leaving native code; other backends compose the public kernels (same result up
     to float rounding of the norms and dot products).
     """
@@ -368,12 +367,4 @@ def _fused_bank_scores_composed(
         sim = rerank_similarity(rows, unit, exact, k, reduce)[0]
         return sim - thresholds.to(torch.float32)
     dist, _ = segmented_hamming_topk(q, memory, offsets, k)
-    valid = dist != _PAD_DISTANCE
-    sim = 1.0 - 2.0 * dist.to(torch.float64) / dim
-    n_valid = valid.sum(dim=2)
-    if reduce == "kth":
-        out = torch.gather(sim, 2, (n_valid - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    else:
-        out = torch.where(valid, sim, torch.zeros_like(sim)).sum(dim=2) / n_valid.clamp(min=1)
-    out = torch.where(n_valid > 0, out, torch.full_like(out, float("-inf")))
-    return out.to(torch.float32) - thresholds.to(torch.float32)
+    return knn_similarity(dist, dim, reduce) - thresholds.to(torch.float32)

@@ -9,11 +9,15 @@ Conventions shared by every implementation:
   past D are zero, so they never count in a Hamming distance.
 - ``offsets`` (S+1,) int64 splits memory rows into S segments (domains):
   rows offsets[s]:offsets[s+1] belong to segment s.
+- a top-k list shorter than k (a segment with fewer rows) is padded with distance
+  ``PAD_DISTANCE`` and row -1.
 """
 
 from __future__ import annotations
 
 import torch
+
+PAD_DISTANCE = 2**31 - 1  # the distance reported for a missing neighbour (int32 max)
 
 
 def words_for(dim: int) -> int:
@@ -59,7 +63,7 @@ def segmented_hamming_topk(
     """
     dist = hamming(query, memory).to(torch.int64)
     b, s = query.shape[0], offsets.numel() - 1
-    out_d = torch.full((b, s, k), 2**31 - 1, dtype=torch.int32, device=query.device)
+    out_d = torch.full((b, s, k), PAD_DISTANCE, dtype=torch.int32, device=query.device)
     out_i = torch.full((b, s, k), -1, dtype=torch.int64, device=query.device)
     for seg in range(s):
         lo, hi = int(offsets[seg]), int(offsets[seg + 1])

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from edge_runtime.kernels import _alloc
 from edge_runtime.kernels.hadamard import hadamard_project
+from edge_runtime.kernels.reference import PAD_DISTANCE as _PAD
 
 _CHUNK_ELEMS = 1 << 22  # elements of a (B, rows, W) temporary: 32 MB of int64
-_PAD = 2**31 - 1
 
 _M1 = 0x5555555555555555
 _M2 = 0x3333333333333333

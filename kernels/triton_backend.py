@@ -18,6 +18,7 @@ from types import ModuleType
 
 import torch
 from edge_runtime.kernels import _alloc
+from edge_runtime.kernels.reference import PAD_DISTANCE
 
 _MAX_K = 64
 
@@ -82,5 +83,5 @@ def segmented_hamming_topk(
     if splits > 1 or k_pad != k:
         keys = torch.topk(keys, k, dim=2, largest=False, sorted=True).values
     dist = (keys >> 32).to(torch.int32)
-    idx = torch.where(dist == 2**31 - 1, -1, keys & 0xFFFFFFFF)
+    idx = torch.where(dist == PAD_DISTANCE, -1, keys & 0xFFFFFFFF)
     return dist, idx

@@ -109,7 +109,7 @@ class DomainMemoryBank:
         self.labels = torch.zeros(0, dtype=torch.int64)
         self.offsets = torch.zeros(1, dtype=torch.int64)
         # With rerank: unit-norm float16 copies of each exemplar's normalised features, row for
-        # row with ``packed`` (see kernels/rerank.py); None until the first domain.
+        # row with ``packed`` (see kernels/knn.py); None until the first domain.
         self.exact: torch.Tensor | None = None
         # (thresholds as a tuple, float32 tensor): rebuilt whenever the list differs
         self._thr_cache: tuple[tuple[float, ...], torch.Tensor] | None = None

@@ -16,8 +16,8 @@ import torchhd
 
 from edge_runtime import kernels
 from edge_runtime.errors import InputError
+from edge_runtime.kernels.knn import PAD_DISTANCE, knn_similarity
 
-PAD_DISTANCE = 2**31 - 1  # what the kernels return for a missing neighbour
 _QUERY_CHUNK = 512  # bounds the kernels' (B, M) working set
 
 
@@ -67,28 +67,6 @@ def segmented_topk(
         d.append(dd)
         i.append(ii)
     return torch.cat(d), torch.cat(i)
-
-
-def knn_similarity(dist: torch.Tensor, dim: int, reduce: str = "kth") -> torch.Tensor:
-    """(B,S,k) Hamming distances → (B,S) float32 similarity in [-1, 1], higher = closer.
-
-    ``1 - 2·d/D`` is the bipolar cosine of two sign codes. ``reduce="kth"``
-    uses the k-th neighbour (Sun et al. 2022; robust to a single near-duplicate);
-    ``"mean"`` averages the k nearest. A segment with fewer than k rows uses
-    the neighbours it has; an empty one scores -inf.
-    """
-    valid = dist != PAD_DISTANCE
-    sim = 1.0 - 2.0 * dist.to(torch.float64) / dim
-    n_valid = valid.sum(dim=2)
-    if reduce == "kth":
-        last = (n_valid - 1).clamp(min=0).unsqueeze(-1)
-        out = torch.gather(sim, 2, last).squeeze(-1)
-    elif reduce == "mean":
-        out = torch.where(valid, sim, torch.zeros_like(sim)).sum(dim=2) / n_valid.clamp(min=1)
-    else:
-        raise InputError(f"unknown k-NN reduce {reduce!r}: use 'kth' or 'mean'")
-    out = torch.where(n_valid > 0, out, torch.full_like(out, float("-inf")))
-    return out.to(torch.float32)
 
 
 def knn_similarity_np(dist: torch.Tensor, dim: int, reduce: str = "kth") -> np.ndarray:

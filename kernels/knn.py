@@ -1,7 +1,9 @@
-"""Exact re-ranking of Hamming candidates: the packed scan's short list, scored by angle.
+"""k-NN similarity from the packed scan's neighbours: the Hamming estimate, or exact angles.
 
-The packed scan estimates each neighbour's angle from D sign bits; near a tie between two
-domains that estimate's noise (about 0.01 in similarity at D = 4,096) decides the route. The
+``knn_similarity`` turns (B,S,k) Hamming distances into a per-segment score.
+``rerank_similarity`` re-scores a longer candidate list exactly: the packed scan estimates
+each neighbour's angle from D sign bits, and near a tie between two domains that estimate's
+noise (about 0.01 in similarity at D = 4,096) decides the route. The
 scan keeps a few more candidates than k per segment, and their exact angles to the query
 (unit-norm float16 copies of the normalised exemplar features) give the final k-NN score:
 a few dot products per frame instead of a float scan of the whole memory. Pure torch, any
@@ -13,10 +15,33 @@ from __future__ import annotations
 import math
 
 import torch
+from edge_runtime.kernels.reference import PAD_DISTANCE
 
 from edge_runtime.errors import InputError
 
-__all__ = ["angular_similarity", "rerank_similarity"]
+__all__ = ["PAD_DISTANCE", "angular_similarity", "knn_similarity", "rerank_similarity"]
+
+
+def knn_similarity(dist: torch.Tensor, dim: int, reduce: str = "kth") -> torch.Tensor:
+    """(B,S,k) Hamming distances → (B,S) float32 similarity in [-1, 1], higher = closer.
+
+    ``1 - 2·d/D`` is the bipolar cosine of two sign codes. ``reduce="kth"``
+    uses the k-th neighbour (Sun et al. 2022; robust to a single near-duplicate);
+    ``"mean"`` averages the k nearest. A segment with fewer than k rows uses
+    the neighbours it has; an empty one scores -inf.
+    """
+    valid = dist != PAD_DISTANCE
+    sim = 1.0 - 2.0 * dist.to(torch.float64) / dim
+    n_valid = valid.sum(dim=2)
+    if reduce == "kth":
+        last = (n_valid - 1).clamp(min=0).unsqueeze(-1)
+        out = torch.gather(sim, 2, last).squeeze(-1)
+    elif reduce == "mean":
+        out = torch.where(valid, sim, torch.zeros_like(sim)).sum(dim=2) / n_valid.clamp(min=1)
+    else:
+        raise InputError(f"unknown k-NN reduce {reduce!r}: use 'kth' or 'mean'")
+    out = torch.where(n_valid > 0, out, torch.full_like(out, float("-inf")))
+    return out.to(torch.float32)
 
 
 def angular_similarity(cos: torch.Tensor) -> torch.Tensor:
