@@ -25,6 +25,7 @@ Bar: AUROC within 0.5 point, routing at least 99% identical. Writes ``hdc_fastpa
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 import torchhd
 
+from edge_runtime import kernels
 from edge_runtime.cli.demo import cached_scenario
 from edge_runtime.config import load_config
 from edge_runtime.data import load_stream
@@ -42,7 +44,6 @@ from edge_runtime.hdc.bank import DomainMemoryBank
 from edge_runtime.hdc.base import threshold_for_tpr
 from edge_runtime.hdc.memory import select_exemplars
 from edge_runtime.hdc.metrics import auroc
-from edge_runtime.hdc.projection import HypervectorEncoder
 
 SHOTS, DELAY = 200, 10
 
@@ -58,37 +59,30 @@ class FloatCosineBank:
     """
 
     def __init__(self, bank: DomainMemoryBank, scale: str = "angle"):
-        e = bank.encoder
-        self.encoder = HypervectorEncoder(
-            dim=e.dim,
-            layer_dims=e.layer_dims,
-            layer_weights=e.layer_weights,
-            early_weight=e.early_weight,
-            center=e.center,
-            seed=e.seed,
-            projection=e.projection,
-        )
+        self.encoder = copy.deepcopy(bank.encoder)  # every setting, and its own fitted state
         self.k, self.tpr, self.seed, self.scale = bank.k, bank.tpr, bank.seed, scale
         self.max_exemplars, self.rows = bank.max_exemplars, bank.calibration_rows
-        self.memories: list[torchhd.MAPTensor] = []
+        self.memories: list[torch.Tensor] = []
         self.thresholds: list[float] = []
 
     def _score(
         self, hv: torch.Tensor, memory: torch.Tensor, own: torch.Tensor | None = None
     ) -> np.ndarray:
+        """Mean of the k best neighbour similarities; ``own[i]`` (a memory row, or -1) is
+        never query i's neighbour (leave-one-out calibration)."""
         out = []
-        extra = 0 if own is None else 1
-        k = min(self.k + extra, memory.shape[0])
+        k = min(self.k, memory.shape[0])
         for i in range(0, len(hv), 1024):
             sim = torchhd.cosine_similarity(hv[i : i + 1024], memory).as_subclass(torch.Tensor)
-            val, row = torch.topk(sim, k, dim=1)
-            if own is not None:  # leave one out: the self row last, then keep k
-                is_self = (row == own[i : i + 1024, None]) & (own[i : i + 1024, None] >= 0)
-                order = torch.argsort(is_self.to(torch.int8), dim=1, stable=True)
-                val = torch.gather(val, 1, order)[:, : k - 1 if k > self.k else k]
+            if own is not None:
+                mine = own[i : i + 1024]
+                hit = torch.nonzero(mine >= 0).flatten()
+                sim[hit, mine[hit]] = float("-inf")
+            val = torch.topk(sim, k, dim=1).values
+            finite = torch.isfinite(val)  # a masked self row, when memory has <= k rows
             if self.scale == "angle":
-                val = 1.0 - 2.0 * torch.arccos(val.clamp(-1.0, 1.0)) / torch.pi
-            out.append(val.mean(dim=1))
+                val = kernels.angular_similarity(val)
+            out.append(torch.where(finite, val, 0.0).sum(dim=1) / finite.sum(dim=1))
         return torch.cat(out).numpy()
 
     def add_domain(self, domain_id: int, x: np.ndarray, y: np.ndarray) -> None:

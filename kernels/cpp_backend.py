@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 import torch
 from edge_runtime.kernels import _alloc, cpu_ext
@@ -78,38 +79,11 @@ def hadamard_project_pack(
     return out
 
 
-def fused_bank_scores(
-    features: torch.Tensor,
-    layers: torch.Tensor,
-    weights: torch.Tensor,
-    layer_norm: bool,
-    signs: torch.Tensor,
-    dim: int,
-    memory: torch.Tensor,
-    offsets: torch.Tensor,
-    k: int,
-    reduce: str,
-    thresholds: torch.Tensor,
-    exact: torch.Tensor | None = None,
-    candidates: int = 0,
-) -> torch.Tensor:
-    out = _alloc.empty((features.shape[0], offsets.numel() - 1), torch.float32, features.device)
-    fused_bank_scores_into(
-        out,
-        features,
-        layers,
-        weights,
-        layer_norm,
-        signs,
-        dim,
-        memory,
-        offsets,
-        k,
-        reduce,
-        thresholds,
-        exact,
-        candidates,
-    )
+def fused_bank_scores(features: torch.Tensor, *args: Any) -> torch.Tensor:
+    """:func:`fused_bank_scores_into` a new (B, S) output; ``args`` as there, after features
+    (``offsets``, the 7th, gives S)."""
+    out = _alloc.empty((features.shape[0], args[6].numel() - 1), torch.float32, features.device)
+    fused_bank_scores_into(out, features, *args)
     return out
 
 

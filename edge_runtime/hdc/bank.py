@@ -5,7 +5,8 @@ contiguously with an ``offsets`` array, so one ``segmented_hamming_topk``
 kernel call scores a batch against every domain. All domains share one
 hypervector encoder (fitted on the first domain), so a frame is projected once.
 
-Raw scores are k-NN similarities; they are made comparable across domains by
+Raw scores are k-NN similarities (with ``rerank``, the exact angles of the Hamming
+scan's candidates, see ``kernels/knn.py``); they are made comparable across domains by
 subtracting each domain's threshold, calibrated for the configured TPR on that
 domain's own frames, each scored leave-one-out against the domain's memory. The
 runtime routes to the argmax and calls a frame OOD when every calibrated score is below 0.
@@ -31,7 +32,7 @@ from edge_runtime.hdc.memory import (
     select_exemplars,
 )
 from edge_runtime.hdc.projection import HypervectorEncoder, check_features
-from edge_runtime.kernels import _alloc
+from edge_runtime.kernels import _alloc, cpp_backend
 
 # Up to this many frames a query is one unchecked kernel call: the same call, so the same
 # bits, as ``segmented_topk`` makes for its single chunk.
@@ -42,10 +43,9 @@ _FUSED_BATCH = 64
 _BACKEND_ENV = "EDGE_RUNTIME_KERNEL_BACKEND"
 
 
-def _cpp_backend() -> Any:
-    from edge_runtime.kernels import cpp_backend
-
-    return cpp_backend
+def _unit(z: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm: the vectors whose angles the sign codes estimate."""
+    return z / z.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
 @dataclass
@@ -143,11 +143,6 @@ class DomainMemoryBank:
         rng = np.random.default_rng(seed)
         return torch.from_numpy(np.sort(rng.choice(n, self.max_calibration, replace=False)))
 
-    def _unit(self, x: torch.Tensor) -> torch.Tensor:
-        """Checked features → unit-norm normalised vectors (what the projection sees)."""
-        z = self.encoder.normalise(x)
-        return z / z.norm(dim=1, keepdim=True).clamp(min=1e-12)
-
     def _knn(
         self,
         x: torch.Tensor,
@@ -166,7 +161,8 @@ class DomainMemoryBank:
         is scored leave-one-out: its k+1 nearest rows, less itself.
         """
         c = self.candidates + (0 if own is None else 1)
-        q = self.encoder.encode_packed_checked(x)
+        z = self.encoder.normalise(x)
+        q = self.encoder.pack_normalised(z)
         if len(q) <= _FAST_BATCH and q.device.type == "cpu":
             topk = kernels.api.unchecked("segmented_hamming_topk", q.device)
             dist, rows = topk(q, packed, offsets, c)
@@ -175,7 +171,7 @@ class DomainMemoryBank:
         if self.rerank:
             assert exact is not None
             sim, rows, ang = kernels.rerank_similarity(
-                rows, self._unit(x), exact, self.k, self.reduce, own
+                rows, _unit(z), exact, self.k, self.reduce, own
             )
             return sim, rows, (1.0 - ang) * (self.dim / 2.0)
         if own is not None:  # the self row moves last; a query not in memory drops its (k+1)-th
@@ -186,8 +182,12 @@ class DomainMemoryBank:
             rows = torch.gather(rows, 2, order)[:, :, : self.k]
         return knn_similarity(dist, self.dim, self.reduce), rows, dist
 
-    def _exact_rows(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self._unit(x).to(torch.float16) if self.rerank else None
+    def _encode_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Memory rows for checked features: packed codes and, with rerank, the float16
+        unit vectors the candidates are re-scored against."""
+        z = self.encoder.normalise(x)
+        exact = _unit(z).to(torch.float16) if self.rerank else None
+        return self.encoder.pack_normalised(z), exact
 
     def _calibrate(
         self,
@@ -218,7 +218,7 @@ class DomainMemoryBank:
 
         Without ``calib_features`` the threshold comes from ``features`` themselves,
         each scored leave-one-out against the domain's memory (see
-        :meth:`_loo_similarity`).
+        :meth:`_knn`).
         """
         domain_id = int(domain_id)
         if domain_id in self.domain_ids:
@@ -232,8 +232,7 @@ class DomainMemoryBank:
         keep = torch.from_numpy(
             select_exemplars(y.numpy(), self.max_exemplars, self.seed + domain_id)
         )
-        packed = self.encoder.encode_packed(x[keep])
-        exact = self._exact_rows(x[keep])
+        packed, exact = self._encode_rows(x[keep])
         if calib_features is None:
             threshold = self._calibrate(x, keep, packed, exact, 0, self.seed + domain_id)
         else:
@@ -273,8 +272,7 @@ class DomainMemoryBank:
         s = self.domain_ids.index(domain_id)
         seed = self.seed + domain_id + len(self.labels)
         keep = torch.from_numpy(select_exemplars(y.numpy(), self.max_exemplars, seed))
-        packed = self.encoder.encode_packed(x[keep])
-        exact = self._exact_rows(x[keep])
+        packed, exact = self._encode_rows(x[keep])
         lo, hi = int(self.offsets[s]), int(self.offsets[s + 1])
         segment = torch.cat([self.packed[lo:hi], packed])
         seg_exact = None
@@ -322,26 +320,22 @@ class DomainMemoryBank:
 
     def scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N,S) float32 raw k-NN similarity to each domain (columns follow ``domain_ids``)."""
-        fast = self._per_frame(features, calibrated=False)
-        if fast is not None:
-            return fast
-        x = self._checked(features)
-        fused = self._fused(x, calibrated=False)
-        if fused is not None:
-            return fused
-        return self._knn(x, self.packed, self.offsets, self.exact)[0].numpy()
+        return self._scores(features, calibrated=False)
 
     def calibrated_scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N,S) float32 score minus each domain's threshold: >= 0 means in-distribution there."""
-        fast = self._per_frame(features, calibrated=True)
+        return self._scores(features, calibrated=True)
+
+    def _scores(self, features: np.ndarray | torch.Tensor, *, calibrated: bool) -> np.ndarray:
+        fast = self._per_frame(features, calibrated=calibrated)
         if fast is not None:
             return fast
         x = self._checked(features)
-        fused = self._fused(x, calibrated=True)
+        fused = self._fused(x, calibrated=calibrated)
         if fused is not None:
             return fused
         sim = self._knn(x, self.packed, self.offsets, self.exact)[0].numpy()
-        return sim - np.asarray(self.thresholds, dtype=np.float32)
+        return sim - np.asarray(self.thresholds, dtype=np.float32) if calibrated else sim
 
     def _fused_native(self) -> Any:
         """The native scorer when it applies to this bank on CPU, else None; looked up once per
@@ -350,7 +344,7 @@ class DomainMemoryBank:
         if self._fused_fn is None or self._fused_fn[0] != env:
             cpu = torch.device("cpu")
             ok = self.reduce in ("kth", "mean") and kernels.resolve_backend("auto", cpu) == "cpp"
-            self._fused_fn = (env, _cpp_backend().fused_bank_scores_into if ok else None)
+            self._fused_fn = (env, cpp_backend.fused_bank_scores_into if ok else None)
         return self._fused_fn[1]
 
     def _fused_args(self, calibrated: bool) -> tuple | None:
@@ -372,6 +366,16 @@ class DomainMemoryBank:
             self.candidates,
         )
 
+    def _native(self, x: torch.Tensor, calibrated: bool) -> tuple[np.ndarray, int] | None:
+        """Scores of a CPU float32 batch in one native call, and the count of its NaN/Inf rows
+        (their scores are NaN); None when the settings or backend need the general path."""
+        native = self._fused_native()
+        args = self._fused_args(calibrated) if native is not None else None
+        if args is None:
+            return None
+        out = _alloc.empty_numpy((len(x), len(self.domain_ids)))
+        return out, native(torch.from_numpy(out), x, *args)
+
     def _per_frame(self, features: Any, *, calibrated: bool) -> np.ndarray | None:
         """The serving path: a C-contiguous float32 numpy batch of up to ``_FUSED_BATCH``
         frames goes straight to the native scorer, which also spots NaN/Inf rows, so no
@@ -388,12 +392,11 @@ class DomainMemoryBank:
             and self.domain_ids
         ):
             return None
-        native = self._fused_native()
-        args = self._fused_args(calibrated) if native is not None else None
-        if args is None:
+        done = self._native(torch.from_numpy(features), calibrated)
+        if done is None:
             return None
-        out = _alloc.empty_numpy((features.shape[0], len(self.domain_ids)))
-        if native(torch.from_numpy(out), torch.from_numpy(features), *args):
+        out, bad = done
+        if bad:
             check_features(features, self.encoder.in_features)  # names the bad rows
         return out
 
@@ -403,13 +406,10 @@ class DomainMemoryBank:
         accumulated differently from torch's, so a score may differ from the general path's
         by float rounding (sign bits of near-zero projections); see tests/test_hdc_fastpath.py.
         """
-        if len(x) > _FUSED_BATCH or x.device.type != "cpu" or self._fused_native() is None:
+        if len(x) > _FUSED_BATCH or x.device.type != "cpu":
             return None
-        args = self._fused_args(calibrated)
-        if args is None:
-            return None
-        fn = kernels.api.unchecked("fused_bank_scores", x.device)
-        return fn(x.contiguous(), *args).numpy()
+        done = self._native(x.contiguous(), calibrated)
+        return None if done is None else done[0]
 
     def _thresholds_tensor(self) -> torch.Tensor:
         """The thresholds as a float32 tensor, cached until the list changes (any way)."""

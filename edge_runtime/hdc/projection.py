@@ -315,7 +315,12 @@ class HypervectorEncoder:
         (the memory bank validates once at its own boundary)."""
         if self.in_features is None:
             raise InputError("HypervectorEncoder is not fitted: call fit(features) first")
-        return self._pack(self.normalise(x))
+        return self.pack_normalised(self.normalise(x))
+
+    def pack_normalised(self, z: torch.Tensor) -> torch.Tensor:
+        """Packed sign codes of rows :meth:`normalise` has already produced (a caller that
+        needs ``z`` itself too normalises once)."""
+        return self._pack(z)
 
     def encode_float(self, features: np.ndarray | torch.Tensor) -> torchhd.MAPTensor:
         """Real-valued MAP hypervectors (N, dim): the projection before the sign."""
