@@ -122,9 +122,13 @@ def test_drift_labels_adaptation_and_return(encoder, data) -> None:
     tail = np.arange(done, 360)
     assert np.mean(dom[tail] == 1) > 0.8
     assert np.mean(pred[tail] == data["stream_y"][tail]) > 0.5
-    # The clean frames at the end route back to the base domain; no third adaptor.
+    # The clean frames at the end route back to the base domain; no third adaptor, and the
+    # return was confirmed on the frames that followed the alarm: it cost no labels.
     assert np.mean(dom[380:] == 0) > 0.8
     assert sorted(rt.domains) == [0, 1]
+    returned = [e for e in events if e["type"] == "domain_returned"]
+    assert [(e["domain"], e["labels"], e["case"]) for e in returned] == [(0, 0, "confirmed")]
+    assert rt.active_domain == 0 and rt.labels_used == CFG.adapt.label_budget
     assert not [
         e for e in events if e["type"] == "adaptation_finished" and e["trigger_frame"] >= 360
     ]

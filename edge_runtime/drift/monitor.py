@@ -241,8 +241,18 @@ class DriftMonitor:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able state (the window's descriptors are not kept: they are transient evidence)."""
+        """The detector, counters, the recent-frame window (evidence for the next flag's kind and
+        change point) and an alarm awaiting confirmation."""
+        rows = list(self._recent)
+        extras = [r[3] for r in rows]
+        keep_extras = bool(rows) and all(e is not None for e in extras)
         return {
+            "recent": {
+                "frames": np.asarray([r[0] for r in rows], dtype=np.int64),
+                "ood": np.asarray([r[1] for r in rows], dtype=bool),
+                "score": np.asarray([r[2] for r in rows], dtype=np.float32),
+                "extras": np.stack(extras).astype(np.float32) if keep_extras else None,
+            },
             "detector_name": self.detector.describe().get("method"),
             "detector": self.detector.state_dict(),
             "paused": self._paused,
@@ -272,6 +282,21 @@ class DriftMonitor:
         self.last_frame = int(state["last_frame"])
         self.window = int(state["window"])
         self._recent = deque(maxlen=self.window)
+        recent = state.get("recent")
+        if recent is not None:
+            frames = np.asarray(recent["frames"], dtype=np.int64)
+            ood = np.asarray(recent["ood"], dtype=bool)
+            score = np.asarray(recent["score"], dtype=np.float32)
+            ex = recent.get("extras")
+            ex = None if ex is None else np.asarray(ex, dtype=np.float32)
+            if not len(frames) == len(ood) == len(score) or (
+                ex is not None and len(ex) != len(frames)
+            ):
+                raise InputError("drift monitor state: recent-frame window arrays disagree")
+            for k in range(len(frames)):
+                self._recent.append(
+                    (int(frames[k]), bool(ood[k]), float(score[k]), None if ex is None else ex[k])
+                )
         self.n_dismissed = int(state.get("n_dismissed", 0))
         self.confirm_frames = int(state.get("confirm_frames", 0))
         self.confirm_rate = float(state.get("confirm_rate", self.confirm_rate))

@@ -1,0 +1,122 @@
+"""The serving pipeline: frames -> encoder features -> every domain's score -> route -> predict.
+
+Stateless apart from the parts it is given: it decides nothing about drift or labels. Frames
+that cannot be served (NaN/Inf in a float frame) are rejected one by one (prediction -1, domain
+-1, score -inf, ``is_ood``) and the rest of the batch goes on; a batch of the wrong rank, dtype
+or channel count is refused whole with an :class:`~edge_runtime.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_runtime.adapt.domains import DomainSet
+from edge_runtime.drift import pixel_statistics
+from edge_runtime.encoder import Encoder, FeatureSpec
+from edge_runtime.errors import InputError
+
+#: Width of :func:`~edge_runtime.drift.pixel_statistics` (4 moments + a 16-bin histogram).
+PIXEL_STATS_DIM = 4 + 16
+
+
+@dataclass
+class Served:
+    """One batch through the pipeline, one entry per frame."""
+
+    features: np.ndarray  # (N, F) float32, zeros for rejected frames
+    prediction: np.ndarray  # int64, -1 if rejected
+    ood_score: np.ndarray  # float32 calibrated, -inf if rejected
+    domain: np.ndarray  # int64, -1 if rejected
+    active_score: np.ndarray  # float32, the active domain's calibrated score
+    rejected: np.ndarray  # bool
+    descriptors: np.ndarray | None  # (N, D) low-level descriptors for the novelty classifier
+
+    @property
+    def is_ood(self) -> np.ndarray:
+        return self.ood_score < 0.0
+
+
+class ServingPipeline:
+    def __init__(self, encoder: Encoder, domains: DomainSet) -> None:
+        self.encoder = encoder
+        self.domains = domains
+        slices = encoder.spec.slices()
+        # Novel class vs domain shift is told from the earliest layer's pooled features when
+        # the encoder has more than one layer (measured right for fog, noise, rotation and new
+        # classes); a one-layer encoder falls back to pixel statistics, computed only once the
+        # novelty classifier was fitted on them.
+        self.descriptor_slice: slice | None = slices[0] if len(slices) > 1 else None
+        self.pixel_descriptors = False
+
+    @property
+    def feature_dim(self) -> int:
+        return self.encoder.spec.dim
+
+    def descriptors_of(self, features: np.ndarray, images: np.ndarray | None) -> np.ndarray | None:
+        """The novelty classifier's input for frames (features and, for pixels, the images)."""
+        if self.descriptor_slice is not None:
+            return features[:, self.descriptor_slice]
+        if images is not None and images.dtype == np.uint8:
+            return pixel_statistics(images)
+        return None
+
+    def serve(self, frames: Any) -> Served:
+        frames = check_batch(frames, self.encoder.spec)
+        n = len(frames)
+        ok = finite_frames(frames)
+        feats = np.zeros((n, self.feature_dim), dtype=np.float32)
+        prediction = np.full(n, -1, dtype=np.int64)
+        domain = np.full(n, -1, dtype=np.int64)
+        score = np.full(n, -np.inf, dtype=np.float32)
+        active = np.full(n, -np.inf, dtype=np.float32)
+        desc: np.ndarray | None = None
+        if ok.any():
+            good = frames if ok.all() else frames[ok]
+            f = self.encoder.features(good)
+            feats[ok] = f
+            routed = self.domains.route(f)
+            domain[ok], score[ok], active[ok] = routed.domain, routed.score, routed.active_score
+            prediction[ok] = self.domains.predict(f, routed.domain)
+            if self.descriptor_slice is not None:
+                desc = feats[:, self.descriptor_slice]
+            elif self.pixel_descriptors and good.dtype == np.uint8:
+                desc = np.zeros((n, PIXEL_STATS_DIM), dtype=np.float32)
+                desc[ok] = pixel_statistics(good)
+        return Served(feats, prediction, score, domain, active, ~ok, desc)
+
+    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prediction, ood_score, domain) for features, with no side effects."""
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        if len(features) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
+        routed = self.domains.route(features)
+        return self.domains.predict(features, routed.domain), routed.score, routed.domain
+
+
+def check_batch(frames: Any, spec: FeatureSpec) -> np.ndarray:
+    """Rank/dtype check of a batch; NaN frames pass (they are rejected one by one)."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    if not isinstance(frames, np.ndarray):
+        raise InputError(f"frames must be a numpy array, got {type(frames).__name__}")
+    if frames.ndim not in (3, 4):
+        raise InputError(
+            f"frames must have rank 3 (N,H,W) or 4 (N,H,W,C), got shape {tuple(frames.shape)}"
+        )
+    if len(frames) == 0:
+        raise InputError("frames is an empty batch (zero frames)")
+    if frames.ndim == 4 and frames.shape[3] not in (1, 3, 4):
+        raise InputError(f"frames must have 1, 3 or 4 channels last, got {tuple(frames.shape)}")
+    if frames.dtype != np.uint8 and not np.issubdtype(frames.dtype, np.floating):
+        raise InputError(f"frames must be uint8 or float, got dtype {frames.dtype}")
+    return frames
+
+
+def finite_frames(frames: np.ndarray) -> np.ndarray:
+    if frames.dtype == np.uint8:
+        return np.ones(len(frames), dtype=bool)
+    return np.isfinite(frames.reshape(len(frames), -1)).all(axis=1)
