@@ -10,12 +10,18 @@ the middle of a batch and the runtime's state needs no lock. ``submit`` returns 
 
 from __future__ import annotations
 
+import math
 import queue
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_runtime.errors import InputError
+from edge_runtime.adapt.controller import AdaptationController
+from edge_runtime.adapt.domains import DomainSet
+from edge_runtime.drift import DOMAIN_SHIFT
+from edge_runtime.errors import EdgeRuntimeError, InputError
+from edge_runtime.events import EventLog
 
 #: Commands the runtime handles, with the arguments each takes.
 COMMANDS: dict[str, tuple[str, ...]] = {
@@ -64,3 +70,51 @@ class CommandQueue:
 
     def __len__(self) -> int:
         return self._q.qsize()
+
+
+class CommandHandler:
+    """Runs queued commands on the owning thread, between batches; each result or refusal goes
+    to the command's future, and a refusal is also a ``command_refused`` event."""
+
+    def __init__(
+        self,
+        commands: CommandQueue,
+        controller: AdaptationController,
+        domains: DomainSet,
+        events: EventLog,
+        report: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.commands = commands
+        self.controller = controller
+        self.domains = domains
+        self.events = events
+        self.report = report
+
+    def run_queued(self, frame: int) -> None:
+        for cmd in self.commands.drain():
+            try:
+                result = self.run(cmd.name, cmd.args, frame)
+            except EdgeRuntimeError as exc:
+                self.events.emit("command_refused", frame, command=cmd.name, reason=str(exc))
+                cmd.future.set_exception(exc)
+            else:
+                cmd.future.set_result(result)
+
+    def run(self, name: str, args: dict[str, Any], frame: int) -> Any:
+        if name == "adapt_now":
+            self.controller.request(str(args.get("kind", DOMAIN_SHIFT)), frame)
+            return {"collecting": self.controller.labels.budget}
+        if name == "rollback":
+            d = self.domains.rollback(int(args["domain"]))
+            self.events.emit("adaptor_rolled_back", frame, domain=d.id, version=d.version)
+            return {"domain": d.id, "version": d.version}
+        if name == "set_threshold":
+            did, thr = int(args["domain"]), float(args["threshold"])
+            if not math.isfinite(thr):
+                raise InputError(f"threshold must be finite, got {thr}")
+            self.domains.set_threshold(did, thr)
+            self.events.emit("threshold_set", frame, domain=did, threshold=thr)
+            return {"domain": did, "threshold": thr}
+        if name == "report_state":
+            return self.report()
+        raise InputError(f"unknown command {name!r}")

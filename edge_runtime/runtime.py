@@ -33,35 +33,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_runtime.adapt.controller import AdaptationController
 from edge_runtime.adapt.domains import BASE_DOMAIN, DomainSet
 from edge_runtime.adapt.executor import (
     AdaptationExecutor,
-    DomainBuilt,
-    Finished,
-    HeadTrained,
-    JobFailed,
 )
 from edge_runtime.adapt.init import Initializer, PrototypeInit
 from edge_runtime.adapt.planner import (
-    EXTEND,
     KNOWN_DOMAIN,
-    REFUSE,
-    RETURN,
     AdaptationPlanner,
     Budgets,
 )
 from edge_runtime.adapt.registry import DomainRegistry
 from edge_runtime.adapt.replay import PER_CLASS
 from edge_runtime.adapt.search import ArchitectureSearch, FixedArchitecture
-from edge_runtime.commands import CommandQueue
+from edge_runtime.commands import CommandHandler, CommandQueue
 from edge_runtime.config.schema import RuntimeConfig
-from edge_runtime.drift import DOMAIN_SHIFT, NOVEL_CLASS, DriftMonitor, NoveltyClassifier
-from edge_runtime.drift.returns import CONFIRMED, ReturnClaim, ReturnDetector
+from edge_runtime.drift import DOMAIN_SHIFT, DriftMonitor, NoveltyClassifier
+from edge_runtime.drift.returns import ReturnDetector
 from edge_runtime.encoder import Encoder, FeatureSpec
-from edge_runtime.errors import EdgeRuntimeError, InputError
+from edge_runtime.errors import InputError
 from edge_runtime.events import EventLog
 from edge_runtime.hdc.bank import DomainMemoryBank
-from edge_runtime.labels import LabelProtocol, Shots, Trigger
+from edge_runtime.labels import LabelProtocol
 from edge_runtime.pipeline import ServingPipeline, check_batch
 from edge_runtime.state import load_checkpoint, save_checkpoint
 from edge_runtime.state.codec import CHECKPOINT_KIND, StateParts, decode, encode, read_header
@@ -144,8 +138,19 @@ class Runtime:
             replay_per_class=replay_per_class,
             base_replay_per_class=base_replay_per_class,
         )
+        self.controller = AdaptationController(
+            self.domains_set,
+            self.labels,
+            self.monitor,
+            self.returns,
+            self.planner,
+            self.executor,
+            self.events,
+        )
+        self.command_handler = CommandHandler(
+            self.commands, self.controller, self.domains_set, self.events, self.report
+        )
         self.frames_seen = 0
-        self._adapting = False
         self._owner: int | None = None
 
     # -------------------------------------------------------------------------------- views
@@ -184,7 +189,7 @@ class Runtime:
 
     @property
     def adapting(self) -> bool:
-        return self._adapting
+        return self.controller.adapting
 
     def wants_labels(self) -> bool:
         """True while the runtime collects labels after a drift flag."""
@@ -277,7 +282,7 @@ class Runtime:
                 i, bool(is_ood[j]), float(served.ood_score[j]), None if desc is None else desc[j]
             )
             if ev is not None:
-                self._on_flag(i, ev.kind, ev.evidence)
+                self.controller.on_flag(i, ev.kind, ev.evidence)
                 continue
             claim = self.returns.update(
                 i,
@@ -287,8 +292,9 @@ class Runtime:
                 float(served.active_score[j]),
             )
             if claim is not None:
-                self._on_claim(claim)
+                self.controller.on_claim(claim)
         self.frames_seen = max(self.frames_seen, int(indices[-1]) + 1)
+        self.controller.position = self.frames_seen
         return Decisions(
             indices=indices,
             prediction=served.prediction,
@@ -311,181 +317,25 @@ class Runtime:
             features = self.encoder.features(check_batch(frames, self.encoder.spec))
         return self.pipeline.predict(features)
 
-    # -------------------------------------------------------------------------------- flags
-    def _on_flag(self, frame: int, kind: str, evidence: dict[str, Any]) -> None:
-        etype = "novel_class" if kind == NOVEL_CLASS else "drift"
-        self.events.emit(etype, frame, kind=kind, evidence=evidence)
-        self.events.emit("alert", frame, reason=etype, kind=kind, domains=len(self.domains_set))
-        plan = self.planner.admit(kind, self.domains_set)
-        if plan.action == REFUSE:
-            self._refuse(frame, plan.reason)
-            return
-        self.monitor.pause()
-        self.labels.start(Trigger(frame, kind, evidence))
-        self.events.emit("labels_requested", frame, labels=self.labels.budget, kind=kind)
-
-    def _refuse(self, frame: int, reason: str) -> None:
-        log.warning("frame %d: adaptation refused: %s", frame, reason)
-        self.events.emit("adaptation_refused", frame, reason=reason)
-        self.monitor.resume(reset=True)
-        self.returns.reset()
-
-    def _on_claim(self, claim: ReturnClaim) -> None:
-        """Frames the active domain rejects are claimed by another known domain."""
-        if claim.case == CONFIRMED:
-            self._return_to(
-                claim.frame,
-                claim.domain,
-                labels=0,
-                case=CONFIRMED,
-                from_domain=claim.active_domain,
-                evidence=claim.evidence,
-            )
-        else:  # ambiguous: near-OOD new classes can look like a return; labels decide
-            evidence = {
-                "case": claim.case,
-                "claimed_by": claim.domain,
-                "active_domain": claim.active_domain,
-                **claim.evidence,
-            }
-            self._on_flag(claim.frame, KNOWN_DOMAIN, evidence)
-
-    def _return_to(self, frame: int, domain_id: int, **details: Any) -> None:
-        self.domains_set.activate(domain_id)
-        self.events.emit("domain_returned", frame, domain=domain_id, **details)
-        self.events.emit(
-            "alert", frame, reason="returned", domain=domain_id, domains=len(self.domains_set)
-        )
-        self._settle()
-
-    def _settle(self) -> None:
-        """What is known changed, so the in-control OOD rate did too: warm up again (a few-shot
-        domain's threshold covers its own frames less tightly than the base's)."""
-        self.monitor.resume(reset=False)
-        self.monitor.reset(relearn=True)
-        self.returns.reset()
-
+    # -------------------------------------------------------------------------------- labels
     def request_adaptation(self, kind: str = DOMAIN_SHIFT, frame: int | None = None) -> None:
         """Start collecting labels now, as if the monitor had flagged ``kind`` (an operator's
         or the fleet controller's "adapt now" command)."""
-        if kind not in (DOMAIN_SHIFT, NOVEL_CLASS):
-            raise InputError(f"kind must be {DOMAIN_SHIFT!r} or {NOVEL_CLASS!r}, got {kind!r}")
-        if self.labels.collecting or self._adapting:
-            raise InputError("an adaptation is already under way")
-        at = self.frames_seen if frame is None else int(frame)
-        self._on_flag(at, kind, {"requested": True})
+        self.controller.request(kind, frame)
 
-    # -------------------------------------------------------------------------------- labels
     def feedback(self, indices: np.ndarray, labels: np.ndarray) -> int:
         """Reveal labels of requested frames; returns how many were accepted."""
         self._claim_thread()
-        accepted = self.labels.feedback(indices, labels)
-        shots = self.labels.take()
-        if shots is not None:
-            self._adapt(shots)
-        return accepted
+        return self.controller.feedback(indices, labels)
 
     def finish(self, wait: bool = True, timeout_s: float | None = None) -> None:
         """End of stream: adapt on whatever labels were collected, then (``wait``) let the
         training jobs finish, at most ``timeout_s``, and install them."""
-        collecting = self.labels.collecting
-        self.labels.stop_requesting()
-        shots = self.labels.take()
-        if shots is not None:
-            self._adapt(shots)
-        elif collecting:  # the stream ended before any requested label came
-            self.monitor.resume(reset=True)
-        if wait:
-            self.executor.wait(timeout_s)
-        self._install(self.frames_seen)
-
-    # -------------------------------------------------------------------------------- adaptation
-    def _adapt(self, shots: Shots) -> None:
-        t = shots.trigger
-        new_id = self.next_domain_id
-        last = shots.frames[-1] if shots.frames else t.frame
-        self.events.emit(
-            "adaptation_started",
-            last,
-            trigger_frame=t.frame,
-            kind=t.kind,
-            labels=len(shots),
-            label_frames=[shots.frames[0], shots.frames[-1]] if shots.frames else [],
-            classes=sorted({int(v) for v in shots.labels}),
-            domain=new_id,
-        )
-        plan = self.planner.plan(shots, self.domains_set, new_id)
-        at = self.frames_seen
-        if plan.action == RETURN:
-            self._return_to(
-                at,
-                plan.domain_id,
-                labels=len(shots),
-                case="labelled",
-                from_domain=self.domains_set.active,
-                trigger_frame=t.frame,
-                evidence=plan.report,
-            )
-        elif plan.action == REFUSE:
-            self._refuse(at, plan.reason)
-        else:
-            self._adapting = True
-            self.executor.execute(plan, shots, self.domains_set)
+        self.controller.finish(wait, timeout_s)
 
     def _between_batches(self, frame: int) -> None:
-        self._install(frame)
-        for cmd in self.commands.drain():
-            try:
-                result = self._run_command(cmd.name, cmd.args, frame)
-            except EdgeRuntimeError as exc:
-                self.events.emit("command_refused", frame, command=cmd.name, reason=str(exc))
-                cmd.future.set_exception(exc)
-            else:
-                cmd.future.set_result(result)
-
-    def _install(self, frame: int) -> None:
-        for done in self.executor.poll():
-            self._install_one(done, frame)
-
-    def _install_one(self, done: Finished, frame: int) -> None:
-        ds = self.domains_set
-        if isinstance(done, HeadTrained):
-            if ds.swap_head(done.domain_id, done.adaptor):
-                self.events.emit("adaptor_trained", frame, **done.report)
-            return
-        if isinstance(done, JobFailed):
-            self.events.emit(
-                "error",
-                frame,
-                where=f"adaptation:{done.where}",
-                message=done.error,
-                domain=done.domain_id,
-            )
-            if done.where == "build":
-                self._adapting = False
-                self.monitor.resume(reset=True)
-                self.returns.reset()
-            return
-        assert isinstance(done, DomainBuilt)
-        t = done.trigger
-        if done.plan.action == EXTEND:
-            ds.install_version(done.domain_id, done.adaptor, done.bank, replay=done.replay)
-        else:
-            ds.install_new(
-                done.domain_id,
-                done.adaptor,
-                done.bank,
-                frame=frame,
-                kind=t.kind,
-                metadata={"trigger_frame": t.frame},
-                replay=done.replay,
-            )
-        self._adapting = False
-        self.events.emit(
-            "adaptation_finished", frame, trigger_frame=t.frame, kind=t.kind, **done.report
-        )
-        self.events.emit("alert", frame, reason="adapted", domain=ds.active, domains=len(ds))
-        self._settle()
+        self.controller.install(frame)
+        self.command_handler.run_queued(frame)
 
     def wait_idle(self, timeout: float | None = 60.0) -> bool:
         """Block until training jobs are done, at most ``timeout`` s (tests, shutdown; never on
@@ -497,26 +347,7 @@ class Runtime:
         self.executor.close(timeout_s)
         self.events.close()
 
-    # -------------------------------------------------------------------------------- commands
-    def _run_command(self, name: str, args: dict[str, Any], frame: int) -> Any:
-        if name == "adapt_now":
-            self.request_adaptation(str(args.get("kind", DOMAIN_SHIFT)), frame)
-            return {"collecting": self.labels.budget}
-        if name == "rollback":
-            d = self.domains_set.rollback(int(args["domain"]))
-            self.events.emit("adaptor_rolled_back", frame, domain=d.id, version=d.version)
-            return {"domain": d.id, "version": d.version}
-        if name == "set_threshold":
-            did, thr = int(args["domain"]), float(args["threshold"])
-            if not np.isfinite(thr):
-                raise InputError(f"threshold must be finite, got {thr}")
-            self.domains_set.set_threshold(did, thr)
-            self.events.emit("threshold_set", frame, domain=did, threshold=thr)
-            return {"domain": did, "threshold": thr}
-        if name == "report_state":
-            return self.report()
-        raise InputError(f"unknown command {name!r}")
-
+    # -------------------------------------------------------------------------------- state
     def report(self) -> dict[str, Any]:
         """A JSON-able summary: domains with adaptor versions, the active one, labels, jobs."""
         return {
@@ -533,7 +364,7 @@ class Runtime:
                 for d in self.domains_set.registry
             ],
             "labels": self.labels.summary(),
-            "adapting": self._adapting,
+            "adapting": self.controller.adapting,
             "training_jobs": len(self.executor.pending_training()),
         }
 
@@ -551,13 +382,13 @@ class Runtime:
             self.returns,
             self.labels,
             self.executor,
-            {"frames_seen": self.frames_seen, "adapting": int(self._adapting)},
+            {"frames_seen": self.frames_seen, "adapting": int(self.controller.adapting)},
         )
 
     def state_dict(self) -> dict[str, Any]:
         """The whole state. Finished work is installed first; training still running is saved
         as a job to re-queue, so saving never waits on it."""
-        self._install(self.frames_seen)
+        self.controller.install(self.frames_seen)
         return encode(self._parts())
 
     def save(self, path: str | Path) -> Path:
@@ -579,8 +410,8 @@ class Runtime:
         rt = cls(config, encoder, background=background, **kwargs)
         parts = rt._parts()
         decode(state, parts, str(path))
-        rt.frames_seen = parts.counters["frames_seen"]
-        rt._adapting = bool(parts.counters.get("adapting", 0))
+        rt.frames_seen = rt.controller.position = parts.counters["frames_seen"]
+        rt.controller.adapting = bool(parts.counters.get("adapting", 0))
         rt.pipeline.pixel_descriptors = (
             rt.monitor.novelty is not None and rt.pipeline.descriptor_slice is None
         )

@@ -1,0 +1,215 @@
+"""AdaptationController: what follows a flag, from the label request to the installed domain.
+
+The runtime loop hands it each drift flag and return claim; the controller asks the planner,
+runs the label protocol, has the executor carry out the plan, installs what the executor
+finished (between batches), pauses and re-arms the detectors, and reports every step as an
+event. It decides nothing itself: the planner decides, the executor builds.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.adapt.domains import DomainSet
+from edge_runtime.adapt.executor import (
+    AdaptationExecutor,
+    DomainBuilt,
+    Finished,
+    HeadTrained,
+    JobFailed,
+)
+from edge_runtime.adapt.planner import EXTEND, KNOWN_DOMAIN, REFUSE, RETURN, AdaptationPlanner
+from edge_runtime.drift import DOMAIN_SHIFT, NOVEL_CLASS, DriftMonitor
+from edge_runtime.drift.returns import CONFIRMED, ReturnClaim, ReturnDetector
+from edge_runtime.errors import InputError
+from edge_runtime.events import EventLog
+from edge_runtime.labels import LabelProtocol, Shots, Trigger
+
+log = logging.getLogger(__name__)
+
+
+class AdaptationController:
+    def __init__(
+        self,
+        domains: DomainSet,
+        labels: LabelProtocol,
+        monitor: DriftMonitor,
+        returns: ReturnDetector,
+        planner: AdaptationPlanner,
+        executor: AdaptationExecutor,
+        events: EventLog,
+    ) -> None:
+        self.domains = domains
+        self.labels = labels
+        self.monitor = monitor
+        self.returns = returns
+        self.planner = planner
+        self.executor = executor
+        self.events = events
+        self.adapting = False  # a grow/extend plan is built but not yet installed
+        self.position = 0  # the next stream index (set by the runtime loop)
+
+    # -- flags ---------------------------------------------------------------------------------
+    def on_flag(self, frame: int, kind: str, evidence: dict[str, Any]) -> None:
+        etype = "novel_class" if kind == NOVEL_CLASS else "drift"
+        self.events.emit(etype, frame, kind=kind, evidence=evidence)
+        self.events.emit("alert", frame, reason=etype, kind=kind, domains=len(self.domains))
+        plan = self.planner.admit(kind, self.domains)
+        if plan.action == REFUSE:
+            self._refuse(frame, plan.reason)
+            return
+        self.monitor.pause()
+        self.labels.start(Trigger(frame, kind, evidence))
+        self.events.emit("labels_requested", frame, labels=self.labels.budget, kind=kind)
+
+    def on_claim(self, claim: ReturnClaim) -> None:
+        """Frames the active domain rejects are claimed by another known domain."""
+        if claim.case == CONFIRMED:
+            self._return_to(
+                claim.frame,
+                claim.domain,
+                labels=0,
+                case=CONFIRMED,
+                from_domain=claim.active_domain,
+                evidence=claim.evidence,
+            )
+            return
+        # Ambiguous: near-OOD new classes can look like a return, so labels decide.
+        evidence = {
+            "case": claim.case,
+            "claimed_by": claim.domain,
+            "active_domain": claim.active_domain,
+            **claim.evidence,
+        }
+        self.on_flag(claim.frame, KNOWN_DOMAIN, evidence)
+
+    def request(self, kind: str = DOMAIN_SHIFT, frame: int | None = None) -> None:
+        """Start collecting labels now, as if the monitor had flagged ``kind``."""
+        if kind not in (DOMAIN_SHIFT, NOVEL_CLASS):
+            raise InputError(f"kind must be {DOMAIN_SHIFT!r} or {NOVEL_CLASS!r}, got {kind!r}")
+        if self.labels.collecting or self.adapting:
+            raise InputError("an adaptation is already under way")
+        self.on_flag(self.position if frame is None else int(frame), kind, {"requested": True})
+
+    def _refuse(self, frame: int, reason: str) -> None:
+        log.warning("frame %d: adaptation refused: %s", frame, reason)
+        self.events.emit("adaptation_refused", frame, reason=reason)
+        self.monitor.resume(reset=True)
+        self.returns.reset()
+
+    def _return_to(self, frame: int, domain_id: int, **details: Any) -> None:
+        self.domains.activate(domain_id)
+        self.events.emit("domain_returned", frame, domain=domain_id, **details)
+        self.events.emit(
+            "alert", frame, reason="returned", domain=domain_id, domains=len(self.domains)
+        )
+        self._settle()
+
+    def _settle(self) -> None:
+        """What is known changed, so the in-control OOD rate did too: warm up again (a few-shot
+        domain's threshold covers its own frames less tightly than the base's)."""
+        self.monitor.resume(reset=False)
+        self.monitor.reset(relearn=True)
+        self.returns.reset()
+
+    # -- labels --------------------------------------------------------------------------------
+    def feedback(self, indices: np.ndarray, labels: np.ndarray) -> int:
+        accepted = self.labels.feedback(indices, labels)
+        shots = self.labels.take()
+        if shots is not None:
+            self._adapt(shots)
+        return accepted
+
+    def finish(self, wait: bool, timeout_s: float | None) -> None:
+        """End of stream: adapt on the labels collected so far, then (``wait``) let training
+        finish, at most ``timeout_s``, and install it."""
+        collecting = self.labels.collecting
+        self.labels.stop_requesting()
+        shots = self.labels.take()
+        if shots is not None:
+            self._adapt(shots)
+        elif collecting:  # the stream ended before any requested label came
+            self.monitor.resume(reset=True)
+        if wait:
+            self.executor.wait(timeout_s)
+        self.install(self.position)
+
+    # -- plans ---------------------------------------------------------------------------------
+    def _adapt(self, shots: Shots) -> None:
+        t = shots.trigger
+        new_id = self.domains.registry.next_id()
+        last = shots.frames[-1] if shots.frames else t.frame
+        self.events.emit(
+            "adaptation_started",
+            last,
+            trigger_frame=t.frame,
+            kind=t.kind,
+            labels=len(shots),
+            label_frames=[shots.frames[0], shots.frames[-1]] if shots.frames else [],
+            classes=sorted({int(v) for v in shots.labels}),
+            domain=new_id,
+        )
+        plan = self.planner.plan(shots, self.domains, new_id)
+        if plan.action == RETURN:
+            self._return_to(
+                self.position,
+                plan.domain_id,
+                labels=len(shots),
+                case="labelled",
+                from_domain=self.domains.active,
+                trigger_frame=t.frame,
+                evidence=plan.report,
+            )
+        elif plan.action == REFUSE:
+            self._refuse(self.position, plan.reason)
+        else:
+            self.adapting = True
+            self.executor.execute(plan, shots, self.domains)
+
+    def install(self, frame: int) -> None:
+        """Install whatever the executor finished (between batches, on the serving thread)."""
+        for done in self.executor.poll():
+            self._install_one(done, frame)
+
+    def _install_one(self, done: Finished, frame: int) -> None:
+        ds = self.domains
+        if isinstance(done, HeadTrained):
+            if ds.swap_head(done.domain_id, done.adaptor):
+                self.events.emit("adaptor_trained", frame, **done.report)
+            return
+        if isinstance(done, JobFailed):
+            self.events.emit(
+                "error",
+                frame,
+                where=f"adaptation:{done.where}",
+                message=done.error,
+                domain=done.domain_id,
+            )
+            if done.where == "build":  # no domain came of it: watch the stream again
+                self.adapting = False
+                self.monitor.resume(reset=True)
+                self.returns.reset()
+            return
+        assert isinstance(done, DomainBuilt)
+        t = done.trigger
+        if done.plan.action == EXTEND:
+            ds.install_version(done.domain_id, done.adaptor, done.bank, replay=done.replay)
+        else:
+            ds.install_new(
+                done.domain_id,
+                done.adaptor,
+                done.bank,
+                frame=frame,
+                kind=t.kind,
+                metadata={"trigger_frame": t.frame},
+                replay=done.replay,
+            )
+        self.adapting = False
+        self.events.emit(
+            "adaptation_finished", frame, trigger_frame=t.frame, kind=t.kind, **done.report
+        )
+        self.events.emit("alert", frame, reason="adapted", domain=ds.active, domains=len(ds))
+        self._settle()
