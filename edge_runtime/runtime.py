@@ -105,10 +105,9 @@ class Runtime:
         search: ArchitectureSearch | None = None,
         initializer: Initializer | None = None,
         clock: Callable[[], float] = time.time,
-        novel_policy: str = "separate",
+        novel_policy: str | None = None,
         replay_per_class: int = PER_CLASS,
         base_replay_per_class: int = BASE_REPLAY_PER_CLASS,
-        job_timeout_s: float | None = None,
     ) -> None:
         self.config = config if config is not None else RuntimeConfig()
         cfg = self.config
@@ -122,7 +121,8 @@ class Runtime:
         self.monitor = DriftMonitor.from_config(cfg.drift, p0_floor=1.0 - cfg.hdc.tpr)
         self.returns = ReturnDetector.from_config(cfg.drift)
         self.planner = AdaptationPlanner(
-            Budgets.from_config(cfg, self.encoder.spec.dim), novel_policy=novel_policy
+            Budgets.from_config(cfg, self.encoder.spec.dim),
+            novel_policy=novel_policy if novel_policy is not None else cfg.adapt.novel_policy,
         )
         # Plug points: zero-shot NAS picks the architecture, a (meta-learned) initialiser the
         # starting weights. Defaults: a linear head started at the class prototypes.
@@ -134,7 +134,7 @@ class Runtime:
             seed=cfg.hdc.seed,
             threads=cfg.encoder.threads,
             background=background,
-            timeout_s=job_timeout_s,
+            timeout_s=cfg.adapt.job_timeout_s,
             replay_per_class=replay_per_class,
             base_replay_per_class=base_replay_per_class,
         )

@@ -37,7 +37,7 @@ def fashion_features() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Real MobileNetV2 features of 600 Fashion-MNIST test frames (classes 0-4), split 300/300."""
     images, labels = load_fashion_mnist("test")
     keep = np.flatnonzero(labels < 5)[:600]
-    enc = Encoder(TorchBackend.mobilenet(input_size=32))
+    enc = Encoder(TorchBackend.mobilenet(input_size=32, layers=(18,)))  # the 1,280-d heads below
     feats = cached_features(enc, np.ascontiguousarray(images[keep]), "test-adapt")
     y = labels[keep].astype(np.int64) + 100  # global ids need not start at 0
     return feats[:300], y[:300], feats[300:], y[300:]
@@ -239,3 +239,30 @@ def test_registry_adaptor_versions_rollback_and_replay_roundtrip(tmp_path):
     np.testing.assert_array_equal(back.get(0).adaptor.logits(x), v1.logits(x))
     with pytest.raises(InputError, match="no earlier adaptor version"):
         back.rollback(0)
+
+
+def test_train_adaptor_threads_default_leaves_torch_alone(monkeypatch) -> None:
+    """threads=None trains with the caller's thread count (the profile's); a number is scoped."""
+    import edge_runtime.adapt.adaptor as adaptor_module
+
+    seen: list[int] = []
+    real_train = adaptor_module._train
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(adaptor_module, "_train", spy)
+    x = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    y = np.arange(40) % 4
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train_adaptor(build_adaptor(AdaptorArch("linear", 16), [0, 1, 2, 3]), x, y, steps=2)
+        train_adaptor(
+            build_adaptor(AdaptorArch("linear", 16), [0, 1, 2, 3]), x, y, steps=2, threads=3
+        )
+        assert torch.get_num_threads() == 2  # restored after the scoped count
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -50,11 +51,15 @@ SEGMENT_KEYS = {
 
 
 def _main(argv: list[str]) -> int:
-    try:
-        cli.build_parser()
-    except ModuleNotFoundError:  # another subcommand's module is not written yet
-        cli.COMMANDS = ("demo", "run")
+    # No fallback: a subcommand module that does not import must fail these tests.
     return cli.main(argv)
+
+
+def test_every_subcommand_registers() -> None:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(cli.COMMANDS) <= set(sub.choices)
+    assert {"demo", "run", "scenario", "export", "profile"} <= set(cli.COMMANDS)
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +140,24 @@ def test_ctrl_c_writes_partial_outputs(mini, tmp_path) -> None:
     assert res.interrupted and res.metrics["interrupted"] is True
     assert res.metrics["frames_served"] == 96
     assert np.load(tmp_path / "o" / "frames.npz")["prediction"].shape == (96,)
+
+
+def test_run_and_demo_help_document_rate(capsys) -> None:
+    for command in ("run", "demo"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([command, "--help"])
+        assert exc.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--rate FPS" in text and "--max-frames N" in text
+        assert "as fast as it can" in text
+    assert "1,000 to 1,250 frames after its drift flag" in text and "tens of frames" in text
+
+
+def test_run_rejects_bad_rate_and_max_frames(mini, tmp_path, capsys) -> None:
+    base = ["run", "--stream", mini, "--out", str(tmp_path / "o"), "--no-progress"]
+    for bad in (["--rate", "0"], ["--rate", "-3"], ["--rate", "nan"], ["--max-frames", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*base, *bad])
+        assert exc.value.code == 2
+        assert bad[0] in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from edge_runtime.config import (
     parse_override_args,
     validate_config,
 )
+from edge_runtime.config.schema import NOT_IMPLEMENTED
 from edge_runtime.errors import ConfigError
 
 
@@ -33,6 +35,9 @@ def test_defaults_match_the_documented_schema() -> None:
     assert cfg.adapt.label_budget == 200 and cfg.adapt.max_adaptors == 8
     assert cfg.fleet.port == 1883 and cfg.fleet.qos == 1 and cfg.fleet.topic_prefix == "edge"
     assert cfg.telemetry.interval_s == 5.0
+    # Fields whose readers are not written yet default to off.
+    assert not cfg.fleet.enabled and not cfg.telemetry.enabled
+    assert not cfg.adapt.nas and not cfg.adapt.meta_init and cfg.device.power_budget_w is None
     # "~" is expanded once, at validation.
     assert "~" not in str(cfg.fleet.outbox_dir) and cfg.fleet.outbox_dir.is_absolute()
 
@@ -136,9 +141,9 @@ def test_overrides_from_strings() -> None:
         parse_override_args(
             [
                 "adapt.label_budget=100",
-                "hdc.packed=false",
+                "drift.warmup=50",
                 "encoder.layers=[13, 18]",
-                "device.power_budget_w=7.5",
+                "hdc.early_weight=0.25",
                 "fleet.device_id=007",  # a string field keeps its text
                 "encoder.threads=null",
                 "device.nvpmodel_name=007",  # optional text too
@@ -146,9 +151,9 @@ def test_overrides_from_strings() -> None:
         )
     )
     assert cfg.adapt.label_budget == 100
-    assert cfg.hdc.packed is False
+    assert cfg.drift.warmup == 50
     assert cfg.encoder.layers == [13, 18]
-    assert cfg.device.power_budget_w == 7.5
+    assert cfg.hdc.early_weight == 0.25
     assert cfg.fleet.device_id == "007"
     assert cfg.encoder.threads is None
     assert cfg.device.nvpmodel_name == "007"
@@ -157,8 +162,39 @@ def test_overrides_from_strings() -> None:
 
 
 def test_overrides_with_typed_values() -> None:
-    cfg = RuntimeConfig().with_overrides({"hdc.dim": 4096, "fleet.enabled": True})
-    assert cfg.hdc.dim == 4096 and cfg.fleet.enabled is True
+    cfg = RuntimeConfig().with_overrides({"hdc.dim": 4096, "fleet.tls": True})
+    assert cfg.hdc.dim == 4096 and cfg.fleet.tls is True
+
+
+# A value each not-implemented field would take once its reader exists.
+ENABLED = {
+    "device.power_budget_w": 15.0,
+    "hdc.packed": False,
+    "adapt.nas": True,
+    "adapt.meta_init": True,
+    "fleet.enabled": True,
+    "telemetry.enabled": True,
+}
+
+
+def test_every_unimplemented_field_has_an_enabled_case() -> None:
+    assert set(ENABLED) == set(NOT_IMPLEMENTED)
+
+
+@pytest.mark.parametrize("field", sorted(ENABLED))
+def test_unimplemented_fields_refuse_any_other_value(tmp_path: Path, field: str) -> None:
+    """No config may claim what the code does not do: the field is named, with the reason."""
+    section, key = field.split(".")
+    assert getattr(getattr(RuntimeConfig(), section), key) == NOT_IMPLEMENTED[field][0]
+    path = _write(tmp_path, {section: {key: ENABLED[field]}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"{field}: not implemented yet" in message and str(path) in message
+    with pytest.raises(ConfigError, match=rf"{re.escape(field)}: not implemented yet"):
+        RuntimeConfig().with_overrides({field: str(ENABLED[field]).lower()})
+    # The one implemented value is still accepted where it is written out explicitly.
+    assert load_config(_write(tmp_path, {section: {key: NOT_IMPLEMENTED[field][0]}}))
 
 
 @pytest.mark.parametrize(
@@ -180,3 +216,16 @@ def test_override_args_need_key_equals_value() -> None:
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override_args(["adapt.label_budget"])
     assert parse_override_args(["a.b = c=d"]) == {"a.b": "c=d"}
+
+
+def test_configs_stored_by_older_builds_can_be_reset() -> None:
+    """A checkpoint's config from before these fields were refused still loads, reset to what
+    the code does; the stored mapping itself is not changed."""
+    from edge_runtime.config import reset_unimplemented
+
+    stored = RuntimeConfig().model_dump(mode="json")
+    stored["adapt"]["nas"] = stored["adapt"]["meta_init"] = stored["telemetry"]["enabled"] = True
+    with pytest.raises(ConfigError, match=r"adapt\.nas"):
+        validate_config(stored)
+    assert validate_config(reset_unimplemented(stored)) == RuntimeConfig()
+    assert stored["adapt"]["nas"] is True

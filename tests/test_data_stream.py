@@ -38,6 +38,42 @@ def test_round_trip(mini_stream: Stream, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
 
 
+def test_save_is_durable_and_a_failed_save_keeps_the_old_file(
+    mini_stream: Stream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream file goes through the one atomic-write helper: fsync the file, rename, fsync
+    the folder; a save that dies before its rename leaves the previous file as it was."""
+    import os
+    import stat
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = save_stream(mini_stream, tmp_path / "s.npz", compress=False)
+    assert events == ["fsync-file", "replace", "fsync-dir"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    before = path.read_bytes()
+
+    def crash(src, dst) -> None:
+        raise OSError(5, "simulated crash before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated"):
+        save_stream(mini_stream, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]
+
+
 def test_save_rejects_invalid_and_bad_suffix(mini_stream: Stream, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"\.npz"):
         save_stream(mini_stream, tmp_path / "s.bin")

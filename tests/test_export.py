@@ -152,3 +152,20 @@ def test_relative_error_is_scale_free():
     assert relative_error(ref, ref) == 0.0
     assert relative_error(ref + 0.004, ref) == pytest.approx(1e-3, rel=1e-3)
     assert relative_error(10 * (ref + 0.004), 10 * ref) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_cli_export_without_config_is_the_default_runtime_encoder(tmp_path: Path) -> None:
+    """`edge-runtime export` with no --config/--profile exports the layers the runtime serves."""
+    from edge_runtime.cli import build_parser, main
+    from edge_runtime.cli.export import encoder_settings
+    from edge_runtime.config import RuntimeConfig
+    from edge_runtime.encoder.select import EncoderSettings
+
+    default = RuntimeConfig().encoder
+    settings = encoder_settings(build_parser().parse_args(["export"]))
+    assert settings["layers"] == default.layers and settings["input_size"] == default.input_size
+    assert list(EncoderSettings().layers) == default.layers  # backend selection without config
+    out = tmp_path / "enc.onnx"
+    assert main(["-q", "export", "--out", str(out), "--input-size", "32", "--max-batch", "2"]) == 0
+    manifest = json.loads((tmp_path / "enc.manifest.json").read_text())
+    assert manifest["spec"]["layers"] == default.layers

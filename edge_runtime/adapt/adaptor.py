@@ -205,15 +205,17 @@ def train_adaptor(
     *,
     fit_normalizer: bool = True,
     cancel: threading.Event | None = None,
-    threads: int | None = 1,
+    threads: int | None = None,
     sample_weight: np.ndarray | None = None,
 ) -> TrainReport:
     """Full-batch Adam on (features, global labels); deterministic for a given ``seed``.
 
     Few-shot sets (hundreds of frames) fit in one batch, so full-batch steps are both the fastest
-    and reproducible. Torch's thread count is not touched here: the :class:`AdaptationWorker`
-    sets it for its own thread (OpenMP thread counts are per thread), so training never competes
-    with the serving thread's encoder for cores. ``cancel`` stops between steps.
+    and reproducible. ``threads=None`` leaves this thread's torch thread count as it is: on the
+    serving thread that is the profile's ``encoder.threads`` (a base fit pinned to one core took
+    24 s of the demo's 65 s), and the :class:`AdaptationWorker` sets its own thread to one so a
+    background job never competes with the encoder for cores (OpenMP counts are per thread). A
+    number sets the count for this call only. ``cancel`` stops between steps.
     """
     if steps <= 0:
         raise InputError(f"steps must be > 0, got {steps}")

@@ -64,20 +64,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def encoder_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The encoder section from --config/--profile (defaults otherwise), flags on top."""
-    values: dict[str, Any] = {
-        "input_size": 64,
-        "layers": [18],
-        "precision": "fp32",
-        "weights": None,
-        "batch_size": 32,
-        "engine_cache_dir": "~/.cache/edge_runtime/engines",
-    }
-    if args.config is not None or args.profile is not None:
-        from edge_runtime.config import load_config, load_profile
+    """The encoder section from --config/--profile (the runtime's defaults otherwise), flags on
+    top. Without either, the export is the encoder that ``RuntimeConfig()`` serves."""
+    from edge_runtime.config import RuntimeConfig, load_config, load_profile
 
-        cfg = load_config(args.config) if args.config is not None else load_profile(args.profile)
-        values.update(cfg.encoder.model_dump())
+    if args.config is not None:
+        cfg = load_config(args.config)
+    elif args.profile is not None:
+        cfg = load_profile(args.profile)
+    else:
+        cfg = RuntimeConfig()
+    values: dict[str, Any] = cfg.encoder.model_dump()
     if args.input_size is not None:
         values["input_size"] = args.input_size
     if args.layers:

@@ -7,6 +7,7 @@ field. ``cfg.with_overrides({"adapt.label_budget": "100"})`` applies CLI overrid
 
 from __future__ import annotations
 
+from edge_runtime.config.defaults import DEFAULT_INPUT_SIZE, DEFAULT_LAYERS
 from edge_runtime.config.detect import Detection, detect_device, detect_profile
 from edge_runtime.config.loader import (
     PROFILES_ENV,
@@ -18,6 +19,7 @@ from edge_runtime.config.loader import (
     resolve_profile_path,
 )
 from edge_runtime.config.schema import (
+    NOT_IMPLEMENTED,
     AdaptConfig,
     DeviceConfig,
     DriftConfig,
@@ -27,11 +29,15 @@ from edge_runtime.config.schema import (
     RuntimeConfig,
     TelemetryConfig,
     parse_override_args,
+    reset_unimplemented,
     validate_config,
 )
 from edge_runtime.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_INPUT_SIZE",
+    "DEFAULT_LAYERS",
+    "NOT_IMPLEMENTED",
     "PROFILES_ENV",
     "AdaptConfig",
     "ConfigError",
@@ -51,6 +57,7 @@ __all__ = [
     "parse_override_args",
     "profiles_dir",
     "read_yaml_mapping",
+    "reset_unimplemented",
     "resolve_profile_path",
     "validate_config",
 ]

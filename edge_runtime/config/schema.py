@@ -7,6 +7,10 @@ whose message names the dotted field path, the bad value and what is allowed.
 
 Sections belong to the part that reads them (``hdc`` to the HDC memory, ``fleet`` to
 the MQTT client...); their owners may add fields here.
+
+A field whose reader is not written yet accepts only its "off" value (see
+:data:`NOT_IMPLEMENTED`): a profile that turns it on would claim what the code does not do,
+so that is a ConfigError naming the field, not a setting silently ignored.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from edge_runtime.config.defaults import DEFAULT_INPUT_SIZE, DEFAULT_LAYERS
 from edge_runtime.errors import ConfigError
 
 # MobileNetV2 ``features`` has 19 blocks (0..18); pooled features can come from any of them.
@@ -39,6 +44,45 @@ def _expand_path(value: Path | None) -> Path | None:
 
 ExpandedPath = Annotated[Path, AfterValidator(_expand_path)]
 OptionalPath = Annotated[Path | None, AfterValidator(_expand_path)]
+
+# Dotted field -> (the only value accepted today, what is missing before another one means
+# anything). Each entry leaves with the change that makes the code read the field.
+NOT_IMPLEMENTED: dict[str, tuple[Any, str]] = {
+    "device.power_budget_w": (None, "no power telemetry reads a budget"),
+    "hdc.packed": (True, "the HDC memory always keeps bit-packed exemplars"),
+    "adapt.nas": (False, "adaptors come from a fixed architecture; no zero-shot NAS runs"),
+    "adapt.meta_init": (False, "adaptors start from prototypes; no meta-learned init exists"),
+    "fleet.enabled": (False, "no fleet MQTT client reads the fleet section"),
+    "telemetry.enabled": (False, "nothing starts a telemetry sampler"),
+}
+
+
+def _only_implemented(field: str) -> AfterValidator:
+    """Validator that refuses every value of ``field`` but the one the code implements."""
+    allowed, missing = NOT_IMPLEMENTED[field]
+
+    def check(value: Any) -> Any:
+        if value != allowed:
+            shown = "null" if allowed is None else str(allowed).lower()
+            raise ValueError(f"not implemented yet ({missing}); must be {shown}")
+        return value
+
+    return AfterValidator(check)
+
+
+def reset_unimplemented(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the config mapping ``data`` with every :data:`NOT_IMPLEMENTED` field set to
+    the value the code implements.
+
+    Only for configs that an older build stored itself (a checkpoint's), written while some of
+    these fields defaulted to on although nothing read them; a user's file must keep failing.
+    """
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+    for dotted, (allowed, _) in NOT_IMPLEMENTED.items():
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section][key] = allowed
+    return out
 
 
 class _Section(BaseModel):
@@ -57,7 +101,9 @@ class DeviceConfig(_Section):
     # The mode's NAME in /etc/nvpmodel.conf (e.g. "15W", "MAXN"), for humans and for detect.
     nvpmodel_name: str | None = None
     memory_budget_mb: int = Field(4096, gt=0)
-    power_budget_w: float | None = Field(None, gt=0)
+    power_budget_w: Annotated[float | None, _only_implemented("device.power_budget_w")] = Field(
+        None, gt=0
+    )
 
 
 class EncoderConfig(_Section):
@@ -65,11 +111,9 @@ class EncoderConfig(_Section):
 
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    input_size: int = Field(64, ge=32, le=512)
+    input_size: int = Field(DEFAULT_INPUT_SIZE, ge=32, le=512)
     layers: list[Annotated[int, Field(ge=0, le=MAX_ENCODER_LAYER)]] = Field(
-        # Layer 3 feeds the novelty classifier (domain shift vs new classes), 18 the adaptors.
-        default_factory=lambda: [3, 18],
-        min_length=1,
+        default_factory=lambda: list(DEFAULT_LAYERS), min_length=1
     )
     batch_size: int = Field(32, gt=0)
     threads: int | None = Field(None, gt=0)
@@ -97,7 +141,7 @@ class HDCConfig(_Section):
     # "hadamard": structured H·D·H·D sign projection (no stored matrix, O(D log F) per frame,
     # same quality as the dense seeded Gaussian matrix of "gaussian").
     projection: Literal["hadamard", "gaussian"] = "hadamard"
-    packed: bool = True
+    packed: Annotated[bool, _only_implemented("hdc.packed")] = True
     k: int = Field(10, gt=0)
     # Packed exemplars kept per domain (512 B each at dim 4,096); 6,000 = the whole base set.
     max_exemplars: int = Field(6000, gt=0)
@@ -135,10 +179,16 @@ class AdaptConfig(_Section):
 
     label_budget: int = Field(200, gt=0)
     max_adaptors: int = Field(8, gt=0)
-    nas: bool = True
-    meta_init: bool = True
+    nas: Annotated[bool, _only_implemented("adapt.nas")] = False
+    meta_init: Annotated[bool, _only_implemented("adapt.meta_init")] = False
     steps: int = Field(300, gt=0)
     lr: float = Field(1e-2, gt=0)
+    # New classes: a domain of their own ("separate"), or a new adaptor version of the known
+    # domain their shots are nearest to ("extend"); see edge_runtime/adapt/planner.py.
+    novel_policy: Literal["separate", "extend"] = "separate"
+    # A background training job past this many seconds is cancelled and reported as an error
+    # event; the domain keeps its initialised head. None: no limit.
+    job_timeout_s: float | None = Field(120.0, gt=0)
 
 
 # One MQTT topic level: no wildcards, no separators, nothing empty.
@@ -146,9 +196,9 @@ _TOPIC_LEVEL = re.compile(r"^[^/+#\s]+$")
 
 
 class FleetConfig(_Section):
-    """MQTT link to the fleet controller."""
+    """MQTT link to the fleet controller (its fields wait for the client that reads them)."""
 
-    enabled: bool = False
+    enabled: Annotated[bool, _only_implemented("fleet.enabled")] = False
     device_id: str = "dev-0"
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(1883, ge=1, le=65535)
@@ -195,7 +245,7 @@ class FleetConfig(_Section):
 class TelemetryConfig(_Section):
     """Device readings (psutil, tegrastats, sysfs) sent with heartbeats."""
 
-    enabled: bool = True
+    enabled: Annotated[bool, _only_implemented("telemetry.enabled")] = False
     interval_s: float = Field(5.0, gt=0)
     # Samples kept in memory (ring buffer) for latest()/history.
     history: int = Field(720, gt=0)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.errors import InputError, StreamFormatError
+from edge_runtime.state.atomic import atomic_write
 
 # Image channel counts the encoder's preprocessing accepts (gray, gray, RGB, RGBA).
 _CHANNELS = (1, 3, 4)
@@ -385,24 +385,16 @@ def load_stream(path: str | os.PathLike[str]) -> Stream:
 
 
 def save_stream(stream: Stream, path: str | os.PathLike[str], *, compress: bool = True) -> Path:
-    """Validate and write ``stream`` to ``path`` atomically (temp file + rename)."""
+    """Validate and write ``stream`` to ``path`` atomically and durably (see
+    :func:`edge_runtime.state.atomic_write`): a crash leaves the old file or the new one."""
     validate_stream(stream)
     p = Path(path)
     if p.suffix != ".npz":
         raise InputError(f"stream path {p} must end in .npz")
-    p.parent.mkdir(parents=True, exist_ok=True)
     payload: dict[str, np.ndarray] = dict(stream.arrays())
     payload["meta"] = np.array([json.dumps(stream.meta, sort_keys=True)])
-    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            (np.savez_compressed if compress else np.savez)(fh, **payload)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a stream file is ordinary data
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    savez = np.savez_compressed if compress else np.savez
+    return atomic_write(p, lambda fh: savez(fh, **payload))
 
 
 # --------------------------------------------------------------------------- frame sources

@@ -18,13 +18,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from edge_runtime.encoder.mobilenet import MobileNetV2, PooledFeatures
+from edge_runtime.config.defaults import DEFAULT_INPUT_SIZE, DEFAULT_LAYERS
+from edge_runtime.encoder.mobilenet import INVERTED_RESIDUAL_SETTING, MobileNetV2, PooledFeatures
 from edge_runtime.encoder.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from edge_runtime.encoder.weights import default_weights_path, file_sha256, load_state_dict
 from edge_runtime.errors import CheckpointError, InputError
 
-DEFAULT_INPUT_SIZE = 64
-DEFAULT_LAYERS: tuple[int, ...] = (18,)
+# Output channels of MobileNetV2's 19 ``features`` blocks (stem 32, the inverted residuals, the
+# 1,280-wide last conv), so a default FeatureSpec's widths agree with its default layers without
+# building the model.
+_BLOCK_CHANNELS: tuple[int, ...] = (
+    32,
+    *(c for _t, c, n, _s in INVERTED_RESIDUAL_SETTING for _ in range(n)),
+    1280,
+)
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class FeatureSpec:
 
     input_size: int = DEFAULT_INPUT_SIZE
     layers: tuple[int, ...] = DEFAULT_LAYERS
-    dims: tuple[int, ...] = (1280,)
+    dims: tuple[int, ...] = tuple(_BLOCK_CHANNELS[i] for i in DEFAULT_LAYERS)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     weights_sha256: str = ""

@@ -25,12 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_runtime.encoder.backend import (
-    DEFAULT_INPUT_SIZE,
-    DEFAULT_LAYERS,
-    EncoderBackend,
-    TorchBackend,
-)
+from edge_runtime.config.schema import EncoderConfig
+from edge_runtime.encoder.backend import EncoderBackend, TorchBackend
 from edge_runtime.encoder.export import relative_error
 from edge_runtime.errors import BackendUnavailableError, ConfigError, EdgeRuntimeError
 
@@ -58,6 +54,11 @@ PARITY_TOLERANCE: dict[str, float] = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.25}
 GPU_FP32_TOLERANCE = 2e-3
 
 
+# The config section's own defaults, so a selection without a config builds the encoder that
+# the default runtime serves.
+_DEFAULTS = EncoderConfig()
+
+
 def parity_tolerance(name: str, precision: str) -> float:
     if precision == "fp32" and name in ("onnxruntime-cuda", "torch-cuda"):
         return GPU_FP32_TOLERANCE
@@ -68,14 +69,14 @@ def parity_tolerance(name: str, precision: str) -> float:
 class EncoderSettings:
     """The ``encoder`` config section's fields this module reads, plus run-time extras."""
 
-    backend: str = "auto"
-    precision: str = "fp32"
-    input_size: int = DEFAULT_INPUT_SIZE
-    layers: tuple[int, ...] = DEFAULT_LAYERS
-    batch_size: int = 32
-    threads: int | None = None
-    weights: Path | None = None
-    engine_cache_dir: Path = Path("~/.cache/edge_runtime/engines")
+    backend: str = _DEFAULTS.backend
+    precision: str = _DEFAULTS.precision
+    input_size: int = _DEFAULTS.input_size
+    layers: tuple[int, ...] = tuple(_DEFAULTS.layers)
+    batch_size: int = _DEFAULTS.batch_size
+    threads: int | None = _DEFAULTS.threads
+    weights: Path | None = _DEFAULTS.weights
+    engine_cache_dir: Path = _DEFAULTS.engine_cache_dir
     onnx_cache_dir: Path | None = None
     device: str = "cuda:0"
     calibration: np.ndarray | None = field(default=None, repr=False)

