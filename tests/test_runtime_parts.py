@@ -298,9 +298,11 @@ def test_return_detector_confirms_dismisses_or_calls_it_ambiguous() -> None:
     quiet = [-1] * 200
     assert run(quiet) is None
     back = run(quiet + [0] * 40)
-    assert back.case == CONFIRMED and back.domain == 0 and back.evidence["claim_rate"] == 1.0
-    split = run(quiet + [0, 2] * 20)
-    assert split.case == AMBIGUOUS
+    assert back.case == CONFIRMED and back.domain == 0 and back.evidence["routed_away_rate"] == 1.0
+    split = run(quiet + [0, 2] * 20)  # no domain wins a majority: labels decide
+    assert split.case == AMBIGUOUS and split.evidence["top_share"] == 0.5
+    weak = run(quiet + [0, 0, 0, -1, -1, -1, -1] * 6)  # away at 3 in 7: not a clear return
+    assert weak.case == AMBIGUOUS
     burst = ReturnDetector(false_alarm_rate=1e-3, confirm_frames=10)
     for i, d in enumerate(quiet + [0] * 4 + [-1] * 40):
         assert burst.update(i, 1, d if d >= 0 else 1, False, -1.0 if d >= 0 else 0.5) is None

@@ -4,12 +4,16 @@ A frame is a *claim* when the active domain rejects it (calibrated score < 0) wh
 domain accepts it and wins the routing. In control (the stream stays in the active domain) claims
 come at about ``p0`` (near-OOD confusion between memories); a return brings them at about the
 returning domain's TPR. A Bernoulli CUSUM on the claim indicator raises an alarm; as the drift
-monitor does, the alarm is judged on the next ``confirm_frames`` frames, which it did not select:
+monitor does, the alarm is judged on the next ``confirm_frames`` frames, which it did not select.
+The judgement counts the frames routed *away*: in-distribution and won by a known domain other
+than the active one, whether or not the active domain also accepts them (a returning frame that
+the active domain accepts too is no evidence against the return, and the strict claim rate
+would fall with every domain that overlaps the returning one):
 
-- ``confirmed``: claims at rate >= ``confirm_rate`` and at least ``share`` of them by one domain.
-  A return: the runtime switches to that domain and asks for no labels;
-- ``ambiguous``: claims at rate >= ``dismiss_rate`` but not confirmed (a lower rate, or split
-  between domains, as near-OOD new classes can look). Labels decide: the planner's return test;
+- ``confirmed``: frames routed away at rate >= ``confirm_rate``, and more than ``share`` of them
+  won by one domain. A return: the runtime switches to that domain and asks for no labels;
+- ``ambiguous``: routed away at rate >= ``dismiss_rate`` but not confirmed (a lower rate, or no
+  clear winner, as near-OOD new classes can look). Labels decide: the planner's return test;
 - otherwise the alarm is dismissed and the statistic restarted.
 """
 
@@ -54,7 +58,7 @@ class ReturnDetector:
         false_alarm_rate: float = 1e-4,
         confirm_frames: int = 20,
         confirm_rate: float = 0.5,
-        share: float = 0.8,
+        share: float = 0.5,
         dismiss_rate: float = 0.3,
         p0: float = CLAIM_P0,
         p1: float = CLAIM_P1,
@@ -74,7 +78,7 @@ class ReturnDetector:
             "cusum", false_alarm_rate=false_alarm_rate, min_ood_rate=p1, warmup=0, p0=p0
         )
         self._alarm: int | None = None  # frame of an alarm awaiting confirmation
-        self._after: list[int] = []  # claiming domain per frame since the alarm (-1: no claim)
+        self._after: list[int] = []  # winning domain per frame since the alarm (-1: not away)
         self.n_dismissed = 0
 
     @classmethod
@@ -98,9 +102,10 @@ class ReturnDetector:
     def update(
         self, frame: int, active_domain: int, domain: int, is_ood: bool, active_score: float
     ) -> ReturnClaim | None:
-        claim = (not is_ood) and domain != active_domain and domain >= 0 and active_score < 0
+        away = (not is_ood) and domain != active_domain and domain >= 0
+        claim = away and active_score < 0
         if self._alarm is not None:
-            self._after.append(int(domain) if claim else -1)
+            self._after.append(int(domain) if away else -1)
             if len(self._after) < self.confirm_frames:
                 return None
             return self._judge(int(frame), active_domain)
@@ -118,7 +123,7 @@ class ReturnDetector:
         if rate < self.dismiss_rate or len(claims) == 0:
             self.n_dismissed += 1
             log.info(
-                "return alarm at frame %d dismissed: claim rate %.2f over %d frames",
+                "return alarm at frame %d dismissed: routed-away rate %.2f over %d frames",
                 alarm,
                 rate,
                 len(after),
@@ -128,11 +133,11 @@ class ReturnDetector:
         counts = np.bincount(claims)
         top = int(counts.argmax())
         top_share = float(counts[top]) / len(claims)
-        case = CONFIRMED if rate >= self.confirm_rate and top_share >= self.share else AMBIGUOUS
+        case = CONFIRMED if rate >= self.confirm_rate and top_share > self.share else AMBIGUOUS
         evidence = {
             "alarm_frame": alarm,
             "confirm_frames": len(after),
-            "claim_rate": round(rate, 4),
+            "routed_away_rate": round(rate, 4),
             "top_share": round(top_share, 4),
             "claims_by_domain": {int(d): int(c) for d, c in enumerate(counts) if c},
         }
