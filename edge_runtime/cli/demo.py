@@ -8,7 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from edge_runtime.cli.run import EXIT_INTERRUPTED, add_config_args, format_summary, resolve_config
+from edge_runtime.cli.run import (
+    EXIT_INTERRUPTED,
+    add_config_args,
+    add_replay_args,
+    format_summary,
+    resolve_config,
+)
 from edge_runtime.data.stream import load_stream
 from edge_runtime.errors import StreamFormatError
 
@@ -44,13 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "One command: builds the built-in fashion-drift stream (cached under "
             "~/.cache/edge_runtime/scenarios), serves it, prints a per-segment table and writes "
-            "a PNG timeline next to metrics.json."
+            "a PNG timeline next to metrics.json. Without --rate the replay runs as fast as "
+            "it can; --rate 30 serves it as a 30 fps camera would (10,000 frames: ~6 min)."
         ),
     )
     parser.add_argument("--scenario", default="fashion-drift", help="built-in scenario name")
     parser.add_argument("--seed", type=int, default=0, help="scenario seed")
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached scenario")
+    add_replay_args(parser)
     add_config_args(parser)
     parser.set_defaults(func=_cmd_demo)
 
@@ -70,6 +78,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         args.out,
         progress=not args.no_progress and sys.stderr.isatty(),
         stream_path=str(path),
+        rate=args.rate,
+        max_frames=args.max_frames,
     )
     png = plot_timeline(result.out_dir, stream, title=f"edge-runtime demo: {args.scenario}")
     print(format_summary(result.metrics))

@@ -1,0 +1,352 @@
+"""``run_stream``: replay a stream file through the runtime under test-then-train, write outputs.
+
+Shared by ``edge-runtime run`` and ``edge-runtime demo``. It wires the runner's parts:
+
+* the base domain is fitted from the stream's training set (:func:`prepare`);
+* :class:`~edge_runtime.runner.loop.ServeLoop` serves the frames in batches
+  (``data.stream.iter_batches``), paced at ``rate`` frames/s when given;
+* :class:`~edge_runtime.runner.labels.StreamLabels` answers the runtime's label requests
+  from the stream (labels are revealed only for the frames the runtime asks about after a
+  drift flag, at most ``adapt.label_budget`` per flag);
+* the event log's sinks write ``events.jsonl`` as events happen (an interrupted run keeps
+  them) and keep them in memory for scoring;
+* :class:`~edge_runtime.runner.metrics.ServedCollector` keeps the served decisions;
+  scoring, the baselines and the acceptance checks turn them into ``metrics.json``;
+* :mod:`~edge_runtime.runner.outputs` writes ``frames.npz`` and ``metrics.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from edge_runtime.acceptance import acceptance_checks
+from edge_runtime.config.schema import RuntimeConfig
+from edge_runtime.data.stream import Stream, iter_batches
+from edge_runtime.encoder.cache import cached_features
+from edge_runtime.events import JsonlSink, ListSink, jsonable, strict_json
+from edge_runtime.runner.labels import StreamLabels
+from edge_runtime.runner.loop import (
+    BatchObserver,
+    Interrupt,
+    ServedBatch,
+    ServeLoop,
+    ServeOutcome,
+)
+from edge_runtime.runner.metrics import (
+    ServedCollector,
+    add_segment_counts,
+    delay_metrics,
+    event_counts,
+    peak_rss_mb,
+)
+from edge_runtime.runner.outputs import FrameOutputs, write_outputs
+from edge_runtime.runner.pacing import Pacer
+from edge_runtime.runtime import Runtime
+from edge_runtime.scoring import adapted_mask, score_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    metrics: dict[str, Any]
+    out_dir: Path
+    interrupted: bool
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class BaseSetup:
+    """The base domain and the features computed once before serving."""
+
+    train_x: np.ndarray
+    eval_x: np.ndarray
+    # Eval predictions before any adaptation (the base of the forgetting metric), or None.
+    eval_before: np.ndarray | None
+    fit_report: dict[str, Any]
+    seconds: float
+
+    @property
+    def has_eval(self) -> bool:
+        return len(self.eval_x) > 0
+
+
+def prepare(rt: Runtime, stream: Stream, *, progress: bool = False) -> BaseSetup:
+    """Fit the base domain from the labelled training set (unless the runtime has domains
+    already) and encode the eval frames once (cheap snapshots later)."""
+    t0 = time.perf_counter()
+    enc = rt.encoder
+    train_x = cached_features(enc, stream.train_images, "train", progress=progress and "train set")
+    fit_report = (
+        rt.fit_base(stream.train_images, stream.train_labels, features=train_x)
+        if not rt.domains
+        else {}
+    )
+    has_eval = len(stream.eval_images) > 0
+    eval_x = (
+        cached_features(enc, stream.eval_images, "eval", progress=progress and "eval set")
+        if has_eval
+        else np.zeros((0, rt.feature_dim), np.float32)
+    )
+    # Nothing the runtime predicts changes before its first adaptation, so this is the
+    # accuracy at the first drift flag, taken here so the snapshot never stalls serving.
+    eval_before = rt.predict_eval(features=eval_x)[0] if has_eval and len(rt.domains) == 1 else None
+    return BaseSetup(train_x, eval_x, eval_before, fit_report, time.perf_counter() - t0)
+
+
+class _ProgressBar:
+    """Serve-loop observer: a tqdm bar with frames/s and the domain serving now."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = tqdm(
+            total=total, desc="serving", unit="frame", disable=not enabled, dynamic_ncols=True
+        )
+        self.t0 = time.perf_counter()
+
+    def __call__(self, item: ServedBatch) -> None:
+        b = item.batch
+        self.bar.update(b.stop - b.start)
+        elapsed = time.perf_counter() - self.t0
+        self.bar.set_postfix(
+            fps=f"{b.stop / max(elapsed, 1e-9):.0f}",
+            domain=int(item.decisions.domain[-1]),
+            refresh=False,
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_stream(
+    stream: Stream,
+    config: RuntimeConfig,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    runtime: Runtime | None = None,
+    on_batch: Callable[[int, Runtime], None] | None = None,
+    stream_path: str | None = None,
+    checkpoint: str | Path | None = None,
+    baselines: bool = True,
+    rate: float | None = None,
+    max_frames: int | None = None,
+) -> RunResult:
+    """Serve the frames of ``stream``; write frames.npz, events.jsonl, metrics.json.
+
+    ``rate`` paces the replay as a camera delivering ``rate`` frames/s would (frame ``i``
+    arrives ``i / rate`` s after the first); without it frames are served as fast as the
+    runtime takes them. ``max_frames`` serves only the first frames of the stream. A
+    ``runtime`` passed in is used as is (and not closed); ``on_batch(frames_served, rt)`` is
+    called after every batch.
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pacer = Pacer(rate) if rate is not None else None  # a bad rate fails before any work
+    n = len(stream) if max_frames is None else max(0, min(len(stream), int(max_frames)))
+    rt = runtime if runtime is not None else Runtime(config)
+    try:
+        return _run(
+            rt,
+            stream,
+            config,
+            out,
+            pacer=pacer,
+            n=n,
+            progress=progress,
+            on_batch=on_batch,
+            stream_path=stream_path,
+            checkpoint=checkpoint,
+            baselines=baselines,
+            t_start=t_start,
+        )
+    finally:
+        if runtime is None:
+            rt.close()
+
+
+def _run(
+    rt: Runtime,
+    stream: Stream,
+    config: RuntimeConfig,
+    out: Path,
+    *,
+    pacer: Pacer | None,
+    n: int,
+    progress: bool,
+    on_batch: Callable[[int, Runtime], None] | None,
+    stream_path: str | None,
+    checkpoint: str | Path | None,
+    baselines: bool,
+    t_start: float,
+) -> RunResult:
+    labels = StreamLabels(stream.labels)
+    listed = ListSink()
+    jsonl = JsonlSink(out / "events.jsonl")
+    sinks = (jsonl, listed, labels)
+    stale = rt.drain_events()  # events a runtime passed in had not reported yet
+    for sink in sinks:
+        for event in stale:
+            sink.write(event)
+        rt.events.add_sink(sink)
+    try:
+        with Interrupt() as stop:
+            setup = prepare(rt, stream, progress=progress)
+            collector = ServedCollector(
+                len(stream), rt.feature_dim, keep_features=baselines and setup.has_eval
+            )
+            bar = _ProgressBar(n, progress)
+            observers: list[BatchObserver] = [collector]
+            if on_batch is not None:
+                observers.append(lambda item: on_batch(item.batch.stop, rt))
+            observers.append(bar)
+            loop = ServeLoop(rt, labels, pacer=pacer, observers=observers, should_stop=stop)
+            try:
+                outcome = loop.run(iter_batches(stream.images[:n], int(config.encoder.batch_size)))
+            finally:
+                bar.close()
+            if outcome.interrupted:
+                log.warning("interrupted after %d of %d frames; writing outputs", outcome.served, n)
+            eval_pred = (
+                rt.predict_eval(features=setup.eval_x)[0]
+                if setup.has_eval
+                else np.zeros(0, np.int64)
+            )
+            if checkpoint is not None:
+                rt.save(checkpoint)
+    finally:
+        for sink in sinks:
+            rt.events.remove_sink(sink)
+        jsonl.close()
+    events = listed.events
+    metrics = _metrics(
+        stream, config, rt, setup, collector, labels, outcome, events, eval_pred, baselines
+    )
+    metrics.update(
+        stream=stream_path,
+        wall_seconds=round(time.perf_counter() - t_start, 3),
+        **delay_metrics(events, None if pacer is None else pacer.rate),
+    )
+    metrics["checks"] = acceptance_checks(metrics)  # the one call site of the checks
+    metrics = strict_json(jsonable(metrics))
+    served = outcome.served
+    frames = FrameOutputs(
+        prediction=collector.prediction[:served],
+        ood_score=collector.ood_score[:served],
+        domain=collector.domain[:served],
+        is_ood=collector.is_ood[:served],
+        adapted=adapted_mask(stream.segment, stream.segment_is_shift, events)[:served],
+        rejected=collector.rejected[:served],
+        eval_prediction=eval_pred,
+    )
+    write_outputs(out, frames, metrics)
+    return RunResult(metrics, out, outcome.interrupted, events)
+
+
+def _metrics(
+    stream: Stream,
+    config: RuntimeConfig,
+    rt: Runtime,
+    setup: BaseSetup,
+    collector: ServedCollector,
+    labels: StreamLabels,
+    outcome: ServeOutcome,
+    events: list[dict[str, Any]],
+    eval_pred: np.ndarray,
+    baselines: bool,
+) -> dict[str, Any]:
+    """Scoring against the stream's ground truth, baselines, and the run's own figures."""
+    metrics = score_run(
+        collector.served_frames(),
+        labels=stream.labels,
+        segment=stream.segment,
+        segment_is_shift=stream.segment_is_shift,
+        is_novel=stream.is_novel,
+        eval_labels=stream.eval_labels,
+        eval_segment=stream.eval_segment,
+        eval_prediction=eval_pred,
+        eval_prediction_before_drift=setup.eval_before,
+        events=events,
+        label_budget=rt.label_budget,
+        stream_meta=stream.meta if isinstance(stream.meta, dict) else None,
+        labels_revealed=labels.revealed,
+    )
+    if baselines and setup.has_eval and not outcome.interrupted:
+        metrics["baselines"] = _baselines(stream, config, setup, collector, labels, metrics)
+    enc = rt.encoder
+    serve_s = outcome.serving_seconds
+    metrics.update(
+        {
+            "labels_used": int(rt.labels_used),
+            "frames_per_second": round(outcome.served / serve_s, 2) if serve_s > 0 else None,
+            "serving_seconds": round(serve_s, 3),
+            "paced_wait_seconds": round(outcome.slept_seconds, 3),
+            "setup_seconds": round(setup.seconds, 3),
+            "max_serving_gap_s": round(collector.max_gap_s, 4),
+            "max_serving_gap_frame": collector.max_gap_frame,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "interrupted": outcome.interrupted,
+            "adaptors": len(rt.domains),
+            **event_counts(events),
+            "backend": getattr(enc.backend, "name", type(enc.backend).__name__),
+            "batch_size": int(config.encoder.batch_size),
+            "scenario": stream.meta.get("name") if isinstance(stream.meta, dict) else None,
+            "base_fit": strict_json(jsonable(setup.fit_report)),
+        }
+    )
+    add_segment_counts(metrics["segments"], events)
+    return metrics
+
+
+def _baselines(
+    stream: Stream,
+    config: RuntimeConfig,
+    setup: BaseSetup,
+    collector: ServedCollector,
+    labels: StreamLabels,
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """The naive fine-tuning and joint baselines on the labels this run revealed (the one call
+    site of :func:`edge_runtime.scoring.baseline_accuracies`)."""
+    from edge_runtime.scoring import baseline_accuracies
+
+    labelled = []
+    for flag in labels.per_flag:
+        keep = [k for k, i in enumerate(flag.indices) if collector.has_features(i)]
+        if keep:
+            idx = [flag.indices[k] for k in keep]
+            y = np.asarray([flag.labels[k] for k in keep], np.int64)
+            labelled.append((collector.features_of(idx), y))
+    n = collector.served
+    ok = ~collector.rejected[:n]
+    assert collector.features is not None
+    returns = metrics.get("return_segments")
+    b = baseline_accuracies(
+        setup.train_x,
+        stream.train_labels,
+        labelled,
+        setup.eval_x,
+        stream.eval_labels,
+        stream.eval_segment,
+        stream_x=collector.features[:n][ok],
+        stream_labels=stream.labels[:n][ok],
+        stream_segment=stream.segment[:n][ok],
+        segment_is_shift=stream.segment_is_shift,
+        returns=None if returns is None else {int(k): int(v) for k, v in returns.items()},
+        steps=config.adapt.steps,
+        lr=config.adapt.lr,
+        seed=config.hdc.seed,
+    )
+    mfa = metrics.get("mean_final_accuracy")
+    if mfa is not None:
+        b["gain_over_naive"] = round(mfa - b["naive_finetune_mean_final_accuracy"], 3)
+        b["gap_to_joint"] = round(b["joint_mean_final_accuracy"] - mfa, 3)
+    return b
