@@ -1,7 +1,7 @@
 """Metrics of a run, computed from what the runtime served and the stream's ground truth.
 
 The runtime never sees ``segment``, ``segment_is_shift`` or ``is_novel``; this module
-is the only place that reads them. Definitions follow DESIGN.md ("Scoring"):
+is the only place that reads them. Definitions follow docs/ARCHITECTURE.md ("Scoring"):
 
 * the first drift flag inside a shift segment is its detection; the frames from the
   segment's start to it are the detection delay; every other flag is a false alarm;

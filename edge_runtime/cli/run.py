@@ -1,6 +1,6 @@
 """``edge-runtime run``: serve a stream file under the test-then-train protocol.
 
-Writes ``DIR/frames.npz``, ``DIR/events.jsonl`` and ``DIR/metrics.json`` (DESIGN.md,
+Writes ``DIR/frames.npz``, ``DIR/events.jsonl`` and ``DIR/metrics.json`` (docs/ARCHITECTURE.md,
 "Outputs"). ``--rate FPS`` paces the replay as a camera would deliver it; without it frames
 are served as fast as the runtime takes them. Ctrl-C finishes the current batch, writes what
 was served so far (metrics marked ``"interrupted": true``) and exits 130.

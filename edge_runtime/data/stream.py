@@ -1,6 +1,6 @@
 """The stream ``.npz`` file: the unit of work for ``edge-runtime run``.
 
-Layout (DESIGN.md, "Stream file"); every array is required except ``meta``:
+Layout (docs/ARCHITECTURE.md, "Stream file"); every array is required except ``meta``:
 
 =================== ======= ============ ==========================================
 array               dtype   shape        meaning
