@@ -64,6 +64,22 @@ class ServingPipeline:
             return pixel_statistics(images)
         return None
 
+    def labelled_features(
+        self, images: np.ndarray | None, labels: Any, features: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of a labelled set given as frames or as features, checked."""
+        if labels is None:
+            raise InputError("a labelled set needs labels")
+        if features is None:
+            if images is None:
+                raise InputError("a labelled set needs images or features")
+            features = self.encoder.features(check_batch(images, self.encoder.spec))
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        y = np.asarray(labels, dtype=np.int64)
+        if x.ndim != 2 or len(x) != len(y) or len(y) == 0:
+            raise InputError(f"features {x.shape} and labels {y.shape} do not match")
+        return x, y
+
     def serve(self, frames: Any) -> Served:
         frames = check_batch(frames, self.encoder.spec)
         n = len(frames)

@@ -219,18 +219,7 @@ class Runtime:
         """Fit the base domain (id 0) from the labelled training set (frames or features)."""
         if len(self.domains_set):
             raise InputError("the base domain is already fitted")
-        if labels is None:
-            raise InputError("fit_base needs labels")
-        if features is None:
-            if images is None:
-                raise InputError("fit_base needs images or features")
-            features = self.encoder.features(images)
-        features = np.ascontiguousarray(features, dtype=np.float32)
-        labels = np.asarray(labels, dtype=np.int64)
-        if features.ndim != 2 or len(features) != len(labels) or len(labels) == 0:
-            raise InputError(
-                f"fit_base: features {features.shape} and labels {labels.shape} do not match"
-            )
+        features, labels = self.pipeline.labelled_features(images, labels, features)
         built = self.executor.build_base(features, labels, self.domains_set.bank)
         self.domains_set.install_new(
             BASE_DOMAIN,
@@ -352,20 +341,7 @@ class Runtime:
         """A JSON-able summary: domains with adaptor versions, the active one, labels, jobs."""
         return {
             "frames_seen": self.frames_seen,
-            "active_domain": self.domains_set.active,
-            "domains": [
-                {
-                    "id": d.id,
-                    "name": d.name,
-                    "kind": d.kind,
-                    "version": d.version,
-                    "labels": list(d.labels),
-                }
-                for d in self.domains_set.registry
-            ],
-            "labels": self.labels.summary(),
-            "adapting": self.controller.adapting,
-            "training_jobs": len(self.executor.pending_training()),
+            **self.controller.report(),
         }
 
     # -------------------------------------------------------------------------------- events

@@ -52,6 +52,25 @@ class AdaptationController:
         self.adapting = False  # a grow/extend plan is built but not yet installed
         self.position = 0  # the next stream index (set by the runtime loop)
 
+    def report(self) -> dict[str, Any]:
+        """Domains with their adaptor versions, the active one, the labels, the jobs."""
+        return {
+            "active_domain": self.domains.active,
+            "domains": [
+                {
+                    "id": d.id,
+                    "name": d.name,
+                    "kind": d.kind,
+                    "version": d.version,
+                    "labels": list(d.labels),
+                }
+                for d in self.domains.registry
+            ],
+            "labels": self.labels.summary(),
+            "adapting": self.adapting,
+            "training_jobs": len(self.executor.pending_training()),
+        }
+
     # -- flags ---------------------------------------------------------------------------------
     def on_flag(self, frame: int, kind: str, evidence: dict[str, Any]) -> None:
         etype = "novel_class" if kind == NOVEL_CLASS else "drift"
