@@ -14,16 +14,25 @@ drift flag). All methods work on the same frozen MobileNetV2 features (cached on
 * joint     -- upper bound: one head trained on the base set plus every segment's labels at once;
 * ours      -- per-domain adaptors + oracle-free routing through the HDC ``DomainMemoryBank``
                (calibrated k-NN scores, argmax). A labelled set mostly claimed by a known domain
-               whose adaptor already labels it well is a return: no new adaptor. This is the
-               runtime's adaptation logic without the drift detector (labels are taken at the
-               segment start for every method, so all compare on the same shots).
+               whose adaptor already labels it well is a return: no new adaptor. Encoder and
+               bank are the runtime's, built from the runtime config by its own factories
+               (``build_encoder``, ``make_bank``); it differs from the runtime in: no drift
+               detector (labels are taken at the segment start for every method, so all
+               compare on the same shots), no base replay in the new heads, and each linear
+               head (the default architecture) trained from ``build_adaptor``'s start rather
+               than the runtime's prototype initialiser.
 * runtime   -- with ``--runtime``: the real ``edge-runtime run`` on the stream (drift detection,
                labels after its own flags), final per-segment accuracy from its metrics.json.
+
+Every method works on the runtime config's encoder features (``--config`` / ``--profile``,
+the built-in defaults otherwise); label budget, training steps and learning rate default to
+the config's ``adapt`` section.
 
 Metrics: final accuracy per segment on its held-out eval frames, their mean, and forgetting on
 segment 0 (accuracy after base training minus final accuracy, in points).
 
     python benchmarks/eval_continual.py [--quick] [--stream S.npz] [--runtime] [--out DIR]
+                                        [--config C.yaml | --profile NAME]
 """
 
 from __future__ import annotations
@@ -35,15 +44,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from eval_setup import (
+    add_config_args,
+    build_encoder,
+    config_source,
+    encoder_line,
+    make_bank,
+    runtime_config,
+)
 from torch import nn
 
 from edge_runtime.adapt import AdaptorArch, DomainRegistry, Router, build_adaptor, train_adaptor
 from edge_runtime.data import load_stream
 from edge_runtime.data.scenario import build_scenario
-from edge_runtime.encoder import Encoder, TorchBackend
 from edge_runtime.encoder.cache import cached_features
-from edge_runtime.hdc.bank import DomainMemoryBank
 
+# One line per method for the printed table; "ours" says where it differs from the runtime.
+METHOD_NOTES = {
+    "none": "base head only",
+    "naive-ft": "one shared head fine-tuned on each segment's labels",
+    "replay": "naive-ft + reservoir replay buffer",
+    "ewc": "naive-ft + online EWC",
+    "joint": "one shared head on all labels at once",
+    "ours": (
+        "per-domain adaptors + HDC routing, runtime config's encoder and bank; differs from "
+        "the runtime in: no drift detector (labels at segment start), no base replay, "
+        "no prototype initialiser"
+    ),
+    "runtime": "edge-runtime run on the same stream and config",
+}
 RETURN_FRACTION = 0.5  # same rule as the runtime: a labelled set mostly claimed by a domain ...
 RETURN_ACCURACY = 0.6  # ... whose adaptor labels it this well is a return, not a new domain
 
@@ -100,17 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stream", help="stream .npz (default: build the fashion-drift scenario)")
     ap.add_argument("--quick", action="store_true", help="fashion-drift-mini, fewer steps")
-    ap.add_argument("--label-budget", type=int, default=200)
+    ap.add_argument("--label-budget", type=int, help="default: adapt.label_budget")
     ap.add_argument("--buffer", type=int, default=200, help="replay buffer size")
     ap.add_argument("--ewc-lambda", type=float, default=100.0)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--input-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, help="default: adapt.steps")
+    ap.add_argument("--lr", type=float, help="default: adapt.lr")
     ap.add_argument("--runtime", action="store_true", help="also run the real edge-runtime")
     ap.add_argument("--out", default="benchmarks/out")
+    add_config_args(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)  # tiny heads: one thread is fastest and leaves a core free
-    steps = 100 if args.quick else args.steps
+    cfg = runtime_config(args)
+    if args.label_budget is None:
+        args.label_budget = cfg.adapt.label_budget
+    if args.lr is None:
+        args.lr = cfg.adapt.lr
+    steps = 100 if args.quick else (cfg.adapt.steps if args.steps is None else args.steps)
     if args.stream:
         stream = load_stream(args.stream)
         name = Path(args.stream).stem
@@ -118,12 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         name = "fashion-drift-mini" if args.quick else "fashion-drift"
         stream = build_scenario(name, seed=0)
 
-    enc = Encoder(TorchBackend.mobilenet(input_size=args.input_size))
+    enc = build_encoder(cfg)
+    torch.set_num_threads(1)  # tiny heads: one thread is fastest and leaves a core free
     t0 = time.time()
     f_train = cached_features(enc, stream.train_images, f"{name}-train", progress="train")
     f_stream = cached_features(enc, stream.images, f"{name}-stream", progress="stream")
     f_eval = cached_features(enc, stream.eval_images, f"{name}-eval", progress="eval")
-    print(f"features ready in {time.time() - t0:.0f}s")
+    print(
+        f"features ready in {time.time() - t0:.0f}s; runtime config = {config_source(args)}: "
+        f"{encoder_line(enc)}"
+    )
     y_train = stream.train_labels.astype(np.int64)
     n_seg = stream.num_segments
     # Labelled shots: the first label_budget frames of each shift segment.
@@ -219,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     arch = AdaptorArch("linear", f_train.shape[1])
     reg = DomainRegistry(max_adaptors=16)
-    bank = DomainMemoryBank(dim=10_000, k=10, tpr=0.95)
+    bank = make_bank(cfg, enc.spec)
     base = build_adaptor(arch, sorted(set(y_train.tolist())))
     train_adaptor(base, f_train, y_train, steps, args.lr)
     dom, _ = reg.add(base, name="base", origin="base", kind="base")
@@ -240,7 +277,6 @@ def main(argv: list[str] | None = None) -> int:
         ad = build_adaptor(arch, sorted(set(y.tolist())), seed=s)
         train_adaptor(ad, x, y, steps, args.lr, seed=s)
         dom, _ = reg.add(ad, created_at_frame=int(np.flatnonzero(stream.segment == s)[0]))
-        # Calibrate on cross-validated scores: the bank holds out 20% of the shots.
         bank.add_domain(dom.id, x, y)
         decisions.append({"segment": s, "action": "new", "domain": dom.id})
     route = router.route(bank.calibrated_scores(f_eval), bank.domain_ids)
@@ -254,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     results["ours"]["routing_accuracy_hint"] = "domain per eval frame from HDC scores, no oracle"
 
     if args.runtime:
-        results.update(_run_runtime(stream, name, Path(args.out), seg0_before))
+        results.update(_run_runtime(stream, name, Path(args.out), seg0_before, args))
 
     # -- report --------------------------------------------------------------------------------
     seg_names = [s.get("name", str(i)) for i, s in enumerate(stream.meta.get("segments", []))]
@@ -269,6 +305,19 @@ def main(argv: list[str] | None = None) -> int:
     for method, r in results.items():
         row = "".join(f"{a:13.3f}" for a in r["final_accuracy"])
         print(f"{method:10}{row}{r['mean']:8.3f}{r['forgetting_seg0']:9.1f}")
+    print(
+        "\n| method | what it is | "
+        + " | ".join(seg_names)
+        + " | mean | forgetting seg 0 |\n"
+        + "| --- " * (len(seg_names) + 4)
+        + "|"
+    )
+    for method, r in results.items():
+        cells = " | ".join(f"{a:.3f}" for a in r["final_accuracy"])
+        print(
+            f"| {method} | {METHOD_NOTES.get(method, '')} | {cells} | {r['mean']:.3f} "
+            f"| {r['forgetting_seg0']:.1f} |"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -284,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_runtime(stream, name: str, out: Path, seg0_before: float) -> dict:
-    """The real runtime through its CLI on the same stream; final accuracy from metrics.json."""
+def _run_runtime(
+    stream, name: str, out: Path, seg0_before: float, args: argparse.Namespace
+) -> dict:
+    """The real runtime through its CLI on the same stream and config; final accuracy from
+    metrics.json."""
     from edge_runtime.cli import main as cli_main
     from edge_runtime.data import save_stream
 
@@ -293,7 +345,9 @@ def _run_runtime(stream, name: str, out: Path, seg0_before: float) -> dict:
     save_stream(stream, path)
     run_dir = out / f"runtime-{name}"
     t = time.time()
-    rc = cli_main(["run", "--stream", str(path), "--out", str(run_dir)])
+    config = ["--config", args.config] if args.config else []
+    config += ["--profile", args.profile] if args.profile else []
+    rc = cli_main(["run", "--stream", str(path), "--out", str(run_dir), *config])
     if rc != 0:
         print(f"  runtime: edge-runtime run exited {rc}")
         return {}

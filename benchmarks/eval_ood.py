@@ -8,11 +8,23 @@ sklearn 8x8 digits, 2,000 natural-image crops. Baselines use the last-layer
 (1,280-d) features over a linear head trained on the base classes; HDC variants
 use the same frozen features (the last layer, or several stages fused).
 
+The row ``runtime`` is the runtime's own detector, built from one runtime config
+(``--config FILE`` / ``--profile NAME``, the built-in defaults otherwise) the way the
+runtime builds it: its encoder from ``build_encoder`` (backend, input size, layers), its
+HDC memory bank from ``make_bank`` (dimension, projection, k, re-ranking, early-layer
+weight, TPR), fitted on the base domain. The other HDC rows are ``HDCDetector``
+variants on a torch-backend encoder of 7 stages; the column "differs from the runtime
+in" lists, for each, every setting read from the built detector that is not the
+runtime's (backend, layers, memory, dimension, projection, k, reduction, re-ranking,
+exemplar cap, centring, early-layer weight).
+
 Metrics as OpenOOD reports them (ID = positive): AUROC, FPR@95TPR, AUPR-in/out,
-ID accuracy. Writes ``eval_ood.json`` and ``eval_ood_hist.png`` under ``--out``.
+ID accuracy (the HDC rows' own k-NN class vote; the baselines' linear head). Writes
+``eval_ood.json`` and ``eval_ood_hist.png`` under ``--out``.
 
     python benchmarks/eval_ood.py            # full run (features cached after the first)
     python benchmarks/eval_ood.py --quick    # small smoke run
+    python benchmarks/eval_ood.py --profile jetson-orin-nano-8gb   # another runtime config
 """
 
 from __future__ import annotations
@@ -23,10 +35,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from eval_setup import (
+    add_config_args,
+    backend_name,
+    bank_settings,
+    build_encoder,
+    config_source,
+    differences,
+    encoder_line,
+    make_bank,
+    runtime_config,
+)
 
+from edge_runtime.config import RuntimeConfig
 from edge_runtime.data.datasets import (
     load_fashion_mnist,
     load_mnist_digits,
@@ -39,6 +64,7 @@ from edge_runtime.hdc import HDCDetector, LinearHead, get_detector, ood_metrics,
 
 # Stage ends of MobileNetV2's feature blocks; 18 is the 1,280-d penultimate layer.
 LAYERS = (3, 6, 10, 13, 16, 17, 18)
+INPUT_SIZE = 64
 BASE_CLASSES = (0, 1, 2, 3, 4, 5)
 N_CROPS = 2000
 
@@ -52,12 +78,13 @@ class Data:
     near: np.ndarray
     far: dict[str, np.ndarray]
     layer_dims: tuple[int, ...]
+    layers: tuple[int, ...]
+    backend: str
     extraction: dict = field(default_factory=dict)
 
 
-def load_features(quick: bool, batch_size: int) -> Data:
-    """Features of every image set, through the on-disk cache."""
-    enc = Encoder(TorchBackend.mobilenet(input_size=64, layers=LAYERS), batch_size=batch_size)
+def load_features(enc: Encoder, quick: bool) -> Data:
+    """Features of every image set through ``enc``, via the on-disk cache."""
     tr_x, tr_y = load_fashion_mnist("train")
     te_x, te_y = load_fashion_mnist("test")
     per_class = 200 if quick else 1000
@@ -97,13 +124,15 @@ def load_features(quick: bool, batch_size: int) -> Data:
         near=feats["test"][~in_base],
         far={k: feats[k] for k in ("mnist", "sklearn_digits", "natural_crops")},
         layer_dims=enc.spec.dims,
+        layers=enc.spec.layers,
+        backend=backend_name(enc),
         extraction=timing,
     )
 
 
-def time_extraction(n_limit: int | None, batch_size: int) -> dict:
-    """Frames/s of the default runtime encoder (last layer, 64x64) over Fashion-MNIST, uncached."""
-    enc = Encoder(TorchBackend.mobilenet(input_size=64, layers=(18,)), batch_size=batch_size)
+def time_extraction(cfg: RuntimeConfig, n_limit: int | None) -> dict:
+    """Frames/s of the runtime's encoder (built from ``cfg``) over Fashion-MNIST, uncached."""
+    enc = build_encoder(cfg)
     images = np.concatenate([load_fashion_mnist("train")[0], load_fashion_mnist("test")[0]])
     if n_limit is not None:
         images = images[:n_limit]
@@ -111,6 +140,8 @@ def time_extraction(n_limit: int | None, batch_size: int) -> dict:
     enc.features(images, progress="timing extraction")
     sec = time.perf_counter() - t0
     return {
+        "encoder": encoder_line(enc),
+        "batch_size": enc.batch_size,
         "frames": len(images),
         "seconds": sec,
         "frames_per_second": len(images) / sec,
@@ -180,7 +211,11 @@ def hdc_variants(quick: bool) -> list[Variant]:
             memory="prototype",
         ),
         # -- packed exemplar memory, Hamming k-NN (1.25 KB per exemplar at D=10,000)
-        _v("hdc-knn-k10", "last", "DEFAULT, last layer: packed exemplars, mean of 10 nearest"),
+        _v(
+            "hdc-knn-k10",
+            "last",
+            "HDCDetector code defaults, last layer: packed exemplars, mean of 10 nearest",
+        ),
         _v("hdc-knn-k10-kth", "last", "10-th NN only (Sun et al.'s rule)", reduce="kth"),
         _v("hdc-knn-k10-centred", "last", "+ centring on the training mean", center=True),
         _v("hdc-knn-k1", "last", "k=1", k=1),
@@ -202,7 +237,11 @@ def hdc_variants(quick: bool) -> list[Variant]:
         _v(
             "hdc-knn-k10-fused-w1", "fused", "7 fused stages, equal layer weights", early_weight=1.0
         ),
-        _v("hdc-knn-k10-fused", "fused", "DEFAULT, multi-layer: 7 stages, early stages x0.5"),
+        _v(
+            "hdc-knn-k10-fused",
+            "fused",
+            "HDCDetector code defaults, multi-layer: 7 stages, early stages x0.5",
+        ),
         _v("hdc-knn-k10-fused-kth", "fused", "fused, 10-th NN only", reduce="kth"),
         _v("hdc-knn-k1-fused", "fused", "fused, k=1", k=1),
     ]
@@ -240,9 +279,69 @@ def evaluate(
     }
 
 
+def detector_settings(det: HDCDetector, data: Data, features: str) -> dict[str, Any]:
+    """An ``HDCDetector``'s settings under the keys of :func:`eval_setup.bank_settings`
+    (``None``: does not apply to this memory)."""
+    c = det.config()
+    e = c["encoder"]
+    exemplar = c["memory"] == "exemplar"
+    layers = data.layers[-1:] if features == "last" else data.layers
+    memory = "exemplar"
+    if not exemplar:
+        memory = f"{c['prototypes_per_class']} prototype(s)/class"
+        if c["retrain_epochs"]:
+            memory += f", OnlineHD {c['retrain_epochs']} epochs"
+    return {
+        "backend": data.backend,
+        "input_size": INPUT_SIZE,
+        "layers": tuple(layers),
+        "memory": memory,
+        "dim": e["dim"],
+        "projection": e["projection"],
+        "k": c["k"] if exemplar else None,
+        "reduce": c["reduce"] if exemplar else None,
+        # HDCDetector scores by the Hamming estimate alone.
+        "rerank": 0 if exemplar else None,
+        "max_exemplars": c["max_exemplars"] if exemplar else None,
+        "center": e["center"],
+        "layer_norm": e["layer_norm"],
+        "early_weight": e["early_weight"] if len(layers) > 1 else None,
+    }
+
+
+def runtime_row(cfg: RuntimeConfig, source: str, quick: bool) -> tuple[dict, dict[str, Any]]:
+    """The runtime's own detector (encoder and bank built from ``cfg``) and its settings."""
+    enc = build_encoder(cfg)
+    data = load_features(enc, quick)
+    bank = make_bank(cfg, enc.spec)
+    t0 = time.perf_counter()
+    bank.add_domain(0, data.train, data.train_labels)
+    fit_s = time.perf_counter() - t0
+    row = evaluate("runtime", lambda x: bank.scores(x)[:, 0], data, lambda x: x)
+    settings = bank_settings(bank, enc.spec, backend_name(enc))
+    row.update(
+        kind="runtime",
+        features="runtime",
+        fit_seconds=fit_s,
+        id_accuracy=float(np.mean(bank.route(data.id_test).label == data.id_labels)),
+        # The runtime's own threshold (leave-one-out on the training frames) on the ID test set.
+        tpr_at_runtime_threshold=float(np.mean(bank.calibrated_scores(data.id_test)[:, 0] >= 0)),
+        note=f"the runtime's detector ({source}; {encoder_line(enc)}; bank from make_bank)",
+        vs_runtime="",
+        settings=settings,
+        memory_bytes=int(bank.nbytes),
+        feature_extraction=data.extraction,
+    )
+    return row, settings
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    data = load_features(args.quick, args.batch_size)
+    cfg = runtime_config(args)
+    enc = Encoder(
+        TorchBackend.mobilenet(input_size=INPUT_SIZE, layers=LAYERS), batch_size=args.batch_size
+    )
+    data = load_features(enc, args.quick)
     dims = data.layer_dims
     last = lambda x: last_layer(x, dims)  # noqa: E731
     fused = lambda x: x  # noqa: E731
@@ -276,9 +375,14 @@ def run(args: argparse.Namespace) -> dict:
             note=f"k={kw['k']}-th NN distance, L2-normalised last layer"
             if kind == "knn"
             else ("shared covariance (Ledoit-Wolf)" if kind == "mahalanobis" else "linear head"),
+            vs_runtime="not HDC (baseline)",
         )
         rows.append(row)
         print(_fmt(row), flush=True)
+
+    rt, rt_settings = runtime_row(cfg, config_source(args), args.quick)
+    rows.append(rt)
+    print(_fmt(rt), flush=True)
 
     for v in hdc_variants(args.quick):
         det = v.build(dims)
@@ -301,13 +405,15 @@ def run(args: argparse.Namespace) -> dict:
             note=v.note,
             memory_bytes=int(mem),
             config=det.config(),
+            vs_runtime=differences(detector_settings(det, data, v.features), rt_settings),
         )
         rows.append(row)
         print(_fmt(row), flush=True)
 
     result = {
         "setup": {
-            "encoder": "MobileNetV2 ImageNet, 64x64, frozen",
+            "encoder": f"MobileNetV2 ImageNet, frozen; {encoder_line(enc)}",
+            "runtime_config": cfg.model_dump(mode="json"),
             "layers": list(LAYERS),
             "layer_dims": list(dims),
             "train": len(data.train),
@@ -320,7 +426,7 @@ def run(args: argparse.Namespace) -> dict:
         "rows": rows,
     }
     if not args.no_timing:
-        result["extraction_timing"] = time_extraction(2000 if args.quick else None, args.batch_size)
+        result["extraction_timing"] = time_extraction(cfg, 2000 if args.quick else None)
     return result
 
 
@@ -356,21 +462,54 @@ def summarise(result: dict) -> str:
     for default in (r for r in rows if r["name"] in DEFAULT_VARIANTS):
         gap = (default["near"]["auroc"] - best["near"]["auroc"]) * 100
         ok = gap >= -1.0 and default["far"]["auroc"] >= 0.95
+        what = (
+            "the runtime's detector"
+            if default["kind"] == "runtime"
+            else "HDCDetector code defaults"
+        )
         lines.append(
-            f"HDC default ({default['name']}): near {default['near']['auroc'] * 100:.2f} "
+            f"{what} ({default['name']}): near {default['near']['auroc'] * 100:.2f} "
             f"({gap:+.2f} vs best baseline, bar >= -1.00), "
             f"far {default['far']['auroc'] * 100:.2f} (bar >= 95): "
             f"{'MEETS' if ok else 'MISSES'} the bar"
         )
+    for r in rows:
+        if "tpr_at_runtime_threshold" in r:
+            lines.append(
+                f"{r['name']}: ID test TPR at the runtime's own threshold "
+                f"{r['tpr_at_runtime_threshold'] * 100:.1f}% (hdc.tpr target "
+                f"{result['setup']['runtime_config']['hdc']['tpr'] * 100:.1f}%)"
+            )
     lines += _moves(rows)
+    lines += ["", *markdown_table(rows)]
     if "extraction_timing" in result:
         t = result["extraction_timing"]
         lines.append(
-            f"feature extraction: {t['frames']} frames in {t['seconds']:.1f} s = "
+            f"feature extraction ({t['encoder']}, batch {t['batch_size']}): "
+            f"{t['frames']} frames in {t['seconds']:.1f} s = "
             f"{t['frames_per_second']:.0f} frames/s ({t['threads']} threads; "
             f"70k images -> {t['projected_70k_minutes']:.2f} min)"
         )
     return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    """The rows as the RESULTS table: AUROC / FPR95 in %, and where each differs from the
+    runtime's detector."""
+    out = [
+        "| detector | near AUROC | near FPR95 | far AUROC | far FPR95 | ID acc "
+        "| differs from the runtime in |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        n, f = r["near"], r["far"]
+        vs = r["vs_runtime"] or "– (this is the runtime)"
+        out.append(
+            f"| {r['name']}: {r['note']} | {n['auroc'] * 100:.2f} | {n['fpr95'] * 100:.1f} "
+            f"| {f['auroc'] * 100:.2f} | {f['fpr95'] * 100:.1f} | {r['id_accuracy'] * 100:.1f} "
+            f"| {vs} |"
+        )
+    return out
 
 
 def _moves(rows: list[dict]) -> list[str]:
@@ -404,9 +543,9 @@ def _moves(rows: list[dict]) -> list[str]:
     return out
 
 
-# The variants the detector's defaults (code and config section ``hdc``) reproduce: on the
-# runtime's default last-layer features, and on multi-layer features (``layer_dims`` given).
-DEFAULT_VARIANTS = ("hdc-knn-k10", "hdc-knn-k10-fused")
+# The rows held against the bar: the runtime's own detector, and HDCDetector's code defaults
+# on the last layer and on 7 fused stages (what the HDC issue's bar was first met with).
+DEFAULT_VARIANTS = ("runtime", "hdc-knn-k10", "hdc-knn-k10-fused")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -448,13 +587,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-timing", action="store_true", help="skip the uncached 70k extraction timing"
     )
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="batch of the 7-stage torch encoder (the runtime row uses encoder.batch_size)",
+    )
+    add_config_args(p)
     p.add_argument(
         "--timing-only", action="store_true", help="only time extraction of all 70k images"
     )
     args = p.parse_args(argv)
     if args.timing_only:
-        t = time_extraction(None, args.batch_size)
+        t = time_extraction(runtime_config(args), None)
         print(json.dumps(t, indent=2))
         return 0
     result = run(args)

@@ -62,7 +62,16 @@ from edge_runtime.state.codec import CHECKPOINT_KIND, StateParts, decode, encode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BASE_DOMAIN", "KNOWN_DOMAIN", "Decisions", "Runtime", "build_encoder", "make_bank"]
+__all__ = [
+    "BASE_DOMAIN",
+    "KNOWN_DOMAIN",
+    "Decisions",
+    "Runtime",
+    "build_encoder",
+    "make_bank",
+    "make_monitor",
+    "make_registry",
+]
 
 #: Base-domain features kept per class for replay in every new head's training set.
 BASE_REPLAY_PER_CLASS = 500
@@ -118,7 +127,7 @@ class Runtime:
         self.domains_set = DomainSet(make_bank(cfg, self.encoder.spec), make_registry(cfg))
         self.pipeline = ServingPipeline(self.encoder, self.domains_set)
         self.labels = LabelProtocol(cfg.adapt.label_budget, self.encoder.spec.dim)
-        self.monitor = DriftMonitor.from_config(cfg.drift, p0_floor=1.0 - cfg.hdc.tpr)
+        self.monitor = make_monitor(cfg)
         self.returns = ReturnDetector.from_config(cfg.drift)
         self.planner = AdaptationPlanner(
             Budgets.from_config(cfg, self.encoder.spec.dim),
@@ -411,6 +420,12 @@ def make_bank(config: RuntimeConfig, spec: FeatureSpec) -> DomainMemoryBank:
         seed=h.seed,
         rerank=h.rerank,
     )
+
+
+def make_monitor(config: RuntimeConfig) -> DriftMonitor:
+    """The drift monitor; its CUSUM's in-control floor is the HDC thresholds' own FPR
+    (about ``1 - hdc.tpr`` of in-distribution frames score as OOD by calibration)."""
+    return DriftMonitor.from_config(config.drift, p0_floor=1.0 - config.hdc.tpr)
 
 
 def make_registry(config: RuntimeConfig) -> DomainRegistry:

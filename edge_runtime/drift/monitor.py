@@ -241,17 +241,17 @@ class DriftMonitor:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The detector, counters, the recent-frame window (evidence for the next flag's kind and
-        change point) and an alarm awaiting confirmation."""
+        """JSON-able: the detector, counters, the recent-frame window (evidence for the next
+        flag's kind and change point) and an alarm awaiting confirmation."""
         rows = list(self._recent)
         extras = [r[3] for r in rows]
         keep_extras = bool(rows) and all(e is not None for e in extras)
         return {
             "recent": {
-                "frames": np.asarray([r[0] for r in rows], dtype=np.int64),
-                "ood": np.asarray([r[1] for r in rows], dtype=bool),
-                "score": np.asarray([r[2] for r in rows], dtype=np.float32),
-                "extras": np.stack(extras).astype(np.float32) if keep_extras else None,
+                "frames": [int(r[0]) for r in rows],
+                "ood": [bool(r[1]) for r in rows],
+                "score": [float(r[2]) for r in rows],
+                "extras": [[float(v) for v in e] for e in extras] if keep_extras else None,
             },
             "detector_name": self.detector.describe().get("method"),
             "detector": self.detector.state_dict(),
