@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from scoring_cases import score_served
 
 from edge_runtime.acceptance import CHECKS, acceptance_checks
-from edge_runtime.scoring import ServedFrames, score_run
+from edge_runtime.scoring import ServedFrames
 
 
 def _segment(i: int, *, adaptor: int, labels: int, new: int, shift: bool) -> dict[str, Any]:
@@ -148,7 +149,7 @@ def test_checks_on_a_scored_run_with_a_new_adaptor_in_the_return() -> None:
             {"id": 2, "source": "fashion", "corruption": None, "severity": 0},
         ]
     }
-    m = score_run(
+    m = score_served(
         ServedFrames(
             labels, np.ones(300, np.float32), domain, np.zeros(300, bool), np.zeros(300, bool)
         ),
@@ -156,10 +157,6 @@ def test_checks_on_a_scored_run_with_a_new_adaptor_in_the_return() -> None:
         segment=seg,
         segment_is_shift=np.array([False, True, True]),
         is_novel=np.r_[np.zeros(100, bool), np.ones(100, bool), np.zeros(100, bool)],
-        eval_labels=np.zeros(3, np.int64),
-        eval_segment=np.arange(3),
-        eval_prediction=np.zeros(3, np.int64),
-        eval_prediction_before_drift=None,
         events=events,
         label_budget=20,
         stream_meta=meta,

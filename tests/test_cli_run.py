@@ -9,22 +9,13 @@ import signal
 
 import numpy as np
 import pytest
+from run_args import FAST_RUN_ARGS
 
 from edge_runtime import cli
 from edge_runtime.cli.demo import cached_scenario
 from edge_runtime.data import load_stream
 
-FAST = [
-    "--set",
-    "encoder.input_size=32",
-    "--set",
-    "hdc.dim=2048",
-    "--set",
-    "adapt.steps=60",
-    "--label-budget",
-    "40",
-    "--no-progress",
-]
+FAST = FAST_RUN_ARGS
 METRIC_KEYS = {
     "prequential_accuracy",
     "false_alarms",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edge_runtime import kernels
-from edge_runtime.errors import InputError
+from edge_runtime.errors import BackendUnavailableError, InputError
 from edge_runtime.hdc.bank import DomainMemoryBank
 from edge_runtime.hdc.memory import PAD_DISTANCE, knn_similarity, knn_similarity_np
 from edge_runtime.hdc.projection import HypervectorEncoder
@@ -287,3 +287,116 @@ def test_per_frame_path_reports_nan_and_inf_rows(rerank: int) -> None:
         with pytest.raises(InputError, match="NaN or Inf"):
             bank.scores(y[4:5])
     assert np.array_equal(bank.calibrated_scores(x), good)  # nothing was left behind
+
+
+# ---------------------------------------------------------------- device of the features
+# The bank and its encoder score a torch batch on that batch's device (or on the bank's
+# configured device) through the kernels' dispatch; only numpy batches stay on the CPU's
+# fast paths. "meta" tensors (shapes, no data) run the device-agnostic pieces here, where
+# there is no GPU: anything the encoder kept on the CPU would raise on them.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize(
+    ("projection", "center"), [("hadamard", False), ("hadamard", True), ("gaussian", True)]
+)
+def test_encoder_keeps_the_batch_on_its_device(projection: str, center: bool) -> None:
+    enc = HypervectorEncoder(dim=1000, layer_dims=LAYERS, projection=projection, center=center)
+    enc.fit(_features(16, 0))
+    x = torch.from_numpy(_features(3, 1)).to("meta")
+    z = enc.normalise(x)
+    packed = enc.pack_normalised(z)
+    assert z.device.type == "meta" and packed.device.type == "meta"
+    assert packed.shape == (3, kernels.words_for(1000)) and packed.dtype == torch.int64
+    # the CPU copies stay where checkpoints read them
+    assert enc._signs(enc.normalised_width).device.type == "cpu"
+    if center:
+        assert enc.mean is not None and enc.mean.device.type == "cpu"
+
+
+def test_rerank_similarity_runs_on_the_inputs_device() -> None:
+    rows = torch.randint(-1, 40, (5, 2, 8)).to("meta")
+    zq, zm = torch.randn(5, 37).to("meta"), torch.randn(40, 37).to("meta")
+    own = torch.full((5,), -1, dtype=torch.int64).to("meta")
+    sim, top, ang = kernels.rerank_similarity(rows, zq, zm, 3, "mean", own)
+    assert {sim.device.type, top.device.type, ang.device.type} == {"meta"}
+    assert sim.shape == (5, 2) and top.shape == ang.shape == (5, 2, 3)
+
+
+def _dispatch_spy(monkeypatch: pytest.MonkeyPatch) -> list[torch.device]:
+    """Records the device every kernel dispatch is asked to pick a backend for."""
+    seen: list[torch.device] = []
+    real = kernels.api.resolve_backend
+
+    def spy(backend: str, device: torch.device) -> str:
+        seen.append(torch.device(device))
+        return real(backend, device)
+
+    monkeypatch.setattr(kernels.api, "resolve_backend", spy)
+    return seen
+
+
+@pytest.mark.parametrize("rerank", [0, 16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_bank_scores_a_tensor_on_its_device_through_the_dispatch(
+    monkeypatch: pytest.MonkeyPatch, device: str, rerank: int
+) -> None:
+    bank = DomainMemoryBank(
+        dim=2048, k=5, max_exemplars=300, layer_dims=LAYERS, projection="hadamard", rerank=rerank
+    )
+    rng = np.random.default_rng(3)
+    bank.add_domain(0, _features(300, 20), rng.integers(0, 4, 300))
+    bank.add_domain(1, _features(40, 21), rng.integers(0, 2, 40))
+    x = _features(80, 22)  # above the fused batch: the general, dispatched path
+    expect = bank.calibrated_scores(x)
+    seen = _dispatch_spy(monkeypatch)
+    got = bank.calibrated_scores(torch.from_numpy(x).to(device))
+    assert seen and {d.type for d in seen} == {device}
+    routed = bank.route(torch.from_numpy(x).to(device))
+    if device == "cpu":
+        assert np.array_equal(got, expect)
+    else:  # GPU float rounding may flip the sign of a near-zero projection: 2/D per bit
+        assert np.abs(got - expect).max() < 0.02
+        assert torch.device(device) in bank._mirrors
+        mirror = bank._memory(torch.device(device))
+        assert bank._memory(torch.device(device))[0] is mirror[0]  # copied once, not per call
+    assert routed.domain.shape == (80,) and bank.packed.device.type == "cpu"
+
+
+def test_bank_refuses_a_device_it_cannot_use() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    with pytest.raises(BackendUnavailableError, match="needs CUDA"):
+        DomainMemoryBank(dim=1024, layer_dims=LAYERS, device="cuda")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_bank_with_a_configured_device_scores_numpy_there(
+    monkeypatch: pytest.MonkeyPatch, device: str
+) -> None:
+    def build(dev: str | None) -> DomainMemoryBank:
+        bank = DomainMemoryBank(
+            dim=2048, k=5, max_exemplars=200, layer_dims=LAYERS, projection="hadamard", device=dev
+        )
+        rng = np.random.default_rng(4)
+        bank.add_domain(0, _features(200, 30), rng.integers(0, 4, 200))
+        bank.extend_domain(0, _features(30, 31), rng.integers(4, 6, 30))
+        bank.add_domain(2, _features(50, 32), rng.integers(0, 2, 50))
+        return bank
+
+    plain, placed = build(None), build(device)
+    assert placed.device == torch.device(device)
+    assert placed.packed.device.type == "cpu"  # checkpoints and budgets read the CPU copy
+    x = _features(5, 33)
+    seen = _dispatch_spy(monkeypatch)
+    got = placed.calibrated_scores(x)
+    assert {d.type for d in seen} <= {device}  # on CPU, the native per-frame scorer (cached)
+    if device == "cpu":
+        assert np.array_equal(got, plain.calibrated_scores(x))
+        assert np.array_equal(placed.packed, plain.packed) and placed.thresholds == plain.thresholds
+    else:
+        assert seen
+        assert np.abs(got - plain.calibrated_scores(x)).max() < 0.02
+    state = placed.state_dict()
+    assert all(t.device.type == "cpu" for t in state["tensors"].values())

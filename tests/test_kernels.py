@@ -98,6 +98,77 @@ def test_cpp_threaded_and_serial_scans_agree(
         assert torch.equal(ham, reference.hamming(q, mem))
 
 
+@pytest.mark.parametrize("parallel_work", [0, 1 << 40])
+def test_cpu_topk_validated_and_allocated_natively_is_exact(
+    monkeypatch: pytest.MonkeyPatch, parallel_work: int
+) -> None:
+    # backend "auto" on CPU, outputs not poisoned: the single native call that validates,
+    # allocates and scans (what one frame per call takes). Serial and threaded, tile
+    # remainders (rows not a multiple of 4, 1/2/4/8-query blocks), non-contiguous inputs.
+    from edge_runtime.kernels import api, cpp_backend
+
+    lean = api._lean_cpu_topk("auto")
+    assert lean is not None
+    used: list[int] = []
+
+    def spy(*args: object) -> object:
+        used.append(1)
+        return lean(*args)
+
+    monkeypatch.setattr(api, "_lean_cpu_topk", lambda backend: spy)
+    monkeypatch.setattr(cpp_backend, "PARALLEL_WORK", parallel_work)
+    gen = torch.Generator().manual_seed(31 + parallel_work % 89)
+    cases = [(1, 1, 1, 3, 65), (1, 2103, 3, 5, 2048), (2, 7, 2, 2, 64), (5, 701, 4, 2, 130)]
+    cases += [(15, 1030, 5, 9, 1000), (3, 0, 1, 2, 64), (4, 40, 5, 50, 10000)]
+    for b, m, s, k, d in cases:
+        q, mem = _packed(gen, b, d), _packed(gen, m, d, dup_every=3 if m else 0)
+        off = _offsets(gen, m, s)
+        dist, idx = K.segmented_hamming_topk(q, mem, off, k)
+        ref_d, ref_i = reference.segmented_hamming_topk(q, mem, off, k)
+        assert torch.equal(dist, ref_d) and torch.equal(idx, ref_i), (b, m, s, k, d)
+    q, mem = _packed(gen, 6, 130)[::2], _packed(gen, 90, 130)[::3]
+    off = torch.tensor([0, 0, 12, 12, 30, 30])[::2]
+    assert not (q.is_contiguous() or mem.is_contiguous() or off.is_contiguous())
+    dist, idx = K.segmented_hamming_topk(q, mem, off, 4)
+    ref_d, ref_i = reference.segmented_hamming_topk(q.contiguous(), mem.contiguous(), off, 4)
+    assert torch.equal(dist, ref_d) and torch.equal(idx, ref_i)
+    assert len(used) == len(cases) + 1
+
+
+def test_native_cpu_topk_hands_bad_inputs_to_the_checks() -> None:
+    # the native call only says that a check failed; the Python checks name the mistake
+    gen = torch.Generator().manual_seed(2)
+    q, mem = _packed(gen, 2, 100), _packed(gen, 10, 100)
+    off = torch.tensor([0, 4, 10])
+    with pytest.raises(InputError, match="offsets must be int64"):
+        K.segmented_hamming_topk(q, mem, off.int(), 1)
+    with pytest.raises(InputError, match="offsets must be a 1-D"):
+        K.segmented_hamming_topk(q, mem, off.view(1, 3), 1)
+    with pytest.raises(InputError, match="offsets must be a 1-D"):
+        K.segmented_hamming_topk(q, mem, [0, 4, 10], 1)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="k must be"):
+        K.segmented_hamming_topk(q, mem, off, True)
+    with pytest.raises(InputError, match="2-D packed"):
+        K.segmented_hamming_topk(q[0], mem, off, 1)
+    with pytest.raises(InputError, match="memory must be int64"):
+        K.segmented_hamming_topk(q, mem.int(), off, 1)
+
+
+def test_native_cpu_topk_only_where_the_cpp_backend_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edge_runtime.kernels import api
+
+    assert api._lean_cpu_topk("auto") is not None and api._lean_cpu_topk("cpp") is not None
+    assert api._lean_cpu_topk("torch") is None and api._lean_cpu_topk("reference") is None
+    with poisoned_outputs():  # outputs must come from _alloc, poisoned
+        assert api._lean_cpu_topk("auto") is None
+    monkeypatch.setenv("EDGE_RUNTIME_KERNEL_BACKEND", "torch")
+    assert api._lean_cpu_topk("auto") is None
+    monkeypatch.setenv("EDGE_RUNTIME_KERNEL_BACKEND", "auto")
+    assert api._lean_cpu_topk("auto") is not None
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_topk_with_all_segments_empty_but_one(backend: str) -> None:
     gen = torch.Generator().manual_seed(7)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from run_args import FAST_RUN_ARGS
 
 from edge_runtime import cli
 from edge_runtime.data import Stream, save_stream
@@ -25,18 +26,7 @@ from edge_runtime.runner import (
     delay_metrics,
 )
 
-FAST = [
-    "--set",
-    "encoder.input_size=32",
-    "--set",
-    "hdc.dim=2048",
-    "--set",
-    "adapt.steps=60",
-    "--label-budget",
-    "40",
-    "--no-progress",
-    "--no-baselines",
-]
+FAST = [*FAST_RUN_ARGS, "--no-baselines"]
 
 
 class FakeClock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scoring_cases import score_served
 
 from edge_runtime.scoring import (
     ServedFrames,
@@ -145,16 +146,12 @@ def test_labels_per_drift_counts_revealed_labels_not_the_budget() -> None:
         np.zeros(80, bool),
         np.zeros(80, bool),
     )
-    m = score_run(
+    m = score_served(
         served,
         labels=np.zeros(80, np.int64),
         segment=seg,
         segment_is_shift=np.array([False, True]),
         is_novel=np.zeros(80, bool),
-        eval_labels=np.zeros(2, np.int64),
-        eval_segment=np.arange(2),
-        eval_prediction=np.zeros(2, np.int64),
-        eval_prediction_before_drift=None,
         events=events,
         label_budget=20,
         labels_revealed=27,
@@ -179,16 +176,12 @@ def test_score_run_marks_returns_and_new_adaptors_per_segment() -> None:
         {"type": "adaptation_finished", "frame": 125, "trigger_frame": 110, "action": "grow"},
         {"type": "adaptation_finished", "frame": 130, "trigger_frame": 110, "action": "extend"},
     ]
-    m = score_run(
+    m = score_served(
         served,
         labels=labels,
         segment=seg,
         segment_is_shift=np.array([False, True, True]),
         is_novel=np.r_[np.zeros(50, bool), np.ones(50, bool), np.zeros(50, bool)],
-        eval_labels=np.zeros(3, np.int64),
-        eval_segment=np.arange(3),
-        eval_prediction=np.zeros(3, np.int64),
-        eval_prediction_before_drift=None,
         events=events,
         label_budget=10,
         stream_meta=_seg_meta(("a", None, [0, 1]), ("a", "fog", [0, 1]), ("a", None, [0, 1])),
@@ -266,16 +259,12 @@ def test_a_return_confirmed_without_labels_is_a_detection_and_costs_nothing() ->
         np.zeros(150, bool),
         np.zeros(150, bool),
     )
-    m = score_run(
+    m = score_served(
         served,
         labels=np.zeros(150, np.int64),
         segment=seg,
         segment_is_shift=np.array([False, True, True]),
         is_novel=np.zeros(150, bool),
-        eval_labels=np.zeros(3, np.int64),
-        eval_segment=np.arange(3),
-        eval_prediction=np.zeros(3, np.int64),
-        eval_prediction_before_drift=None,
         events=events,
         label_budget=10,
         labels_revealed=10,
