@@ -65,14 +65,10 @@ def resolve_config(args: argparse.Namespace) -> RuntimeConfig:
 RATE_HELP = (
     "pace the replay as a camera delivering FPS frames/s: frame i arrives i/FPS s after the "
     "first, a batch is served once its last frame has arrived, and the loop never sleeps when "
-    "it is behind. Without --rate the replay runs as fast as it can (~1,200 frames/s on 2 "
-    "cores), so background training ends many frames after its drift flag: on fashion-drift "
-    "a trained head arrived 736 to 983 frames after the flag (the issue measured 1,000 to "
-    "1,250); at --rate 30, 251 to 311 frames, of which ~200 are the label collection "
-    "(adapt.label_budget frames), i.e. only tens of frames (51 to 111 on cores shared with "
-    "other work, 15 on quiet ones) after the last label (measured with `edge-runtime demo` and "
-    "`edge-runtime run --stream fashion-drift.npz --rate 30`). metrics.json reports "
-    "adaptation_delay_frames, their medians and rate_fps"
+    "it is behind. Without --rate the replay runs as fast as the machine serves, so background "
+    "training ends hundreds of frames after its flag; with it, metrics.json's "
+    "adaptation_delay_frames are the delays a device on that camera would see "
+    "(figures: benchmarks/RESULTS.md)"
 )
 
 
