@@ -1,6 +1,6 @@
 """HDC hot path: our kernels side by side with torchhd and plain torch, in one run.
 
-    python benchmarks/bench_hdc.py [--quick] [--out benchmarks/out] [--threads N]
+    python benchmarks/bench_hdc.py [--quick] [--out benchmarks/out] [--threads N] [--only faiss]
 
 Rows:
 - ``step``: the whole HDC step for a batch (1,280 features → D → best match per domain over
@@ -12,6 +12,12 @@ Rows:
   cosine, torchhd BSC Hamming (where its B×M×D temporary fits in memory), torch float
   matmul cosine + per-domain max. torchhd BSC needs ~9 bytes per B×M×D element; where that
   does not fit in half the free memory it runs over query chunks that do (``bsc_query_chunk``).
+- ``faiss``: exact Hamming top-5 against ``faiss.IndexBinaryFlat`` (faiss-cpu, the
+  ``bench`` extra), the library a user would reach for: batch {1, 64, 256} × codes {10, 80,
+  1,000, 10,000, 100,000} × D {2,048 (the runtime's default), 4,096, 10,000}, random codes,
+  one segment (FAISS keeps one top-k list per query), both given the same threads. Ours and
+  FAISS alternate call by call, so both see the same machine load, and the table says
+  whether they returned identical distances (indices may differ only among equal distances).
 Each row prints the median time, ratios against ours, and the achieved bytes/s of ours
 (unique bytes read: packed memory + queries) next to the measured copy bandwidth (the
 roofline for a scan that streams its memory once). JSON goes to OUT/bench_hdc.json.
@@ -39,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import edge_runtime.kernels as K
+import numpy as np
 import psutil
 import torch
 
@@ -60,6 +67,27 @@ def timeit(
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timeit_pair(
+    fa: Callable[[], object], fb: Callable[[], object], budget_s: float, max_runs: int = 200
+) -> tuple[float, float]:
+    """Median seconds of ``fa`` and of ``fb``, called alternately (after one warm-up each), so
+    a ratio of the two is not skewed by load that came and went between two separate runs."""
+    fa()
+    fb()
+    ta: list[float] = []
+    tb: list[float] = []
+    start = time.perf_counter()
+    while len(ta) < max_runs and (not ta or time.perf_counter() - start < 2 * budget_s):
+        t0 = time.perf_counter()
+        fa()
+        t1 = time.perf_counter()
+        fb()
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def copy_bandwidth(nbytes: int) -> float:
@@ -183,6 +211,45 @@ def bench_similarity(
     return row
 
 
+FAISS_K = 5
+
+
+def bench_faiss(batch: int, m: int, dim: int, budget: float) -> dict[str, Any]:
+    """Ours vs ``faiss.IndexBinaryFlat``: exact Hamming top-k of random codes, one segment."""
+    import faiss
+
+    gen = torch.Generator().manual_seed(batch * 1_000_003 + m * 101 + dim)
+    q = K.pack_bits(torch.randn(batch, dim, generator=gen))
+    mem = K.pack_bits(torch.randn(m, dim, generator=gen))
+    off = torch.tensor([0, m], dtype=torch.int64)
+    k = min(FAISS_K, m)
+    # FAISS takes codes as bytes and a bit count that is a multiple of 8: the packed words
+    # as bytes, all 64·W bits; the padding bits are zero in every code, so they add nothing.
+    index = faiss.IndexBinaryFlat(K.words_for(dim) * 64)
+    index.add(mem.numpy().view(np.uint8))
+    q_bytes = q.numpy().view(np.uint8)
+
+    def ours() -> tuple[torch.Tensor, torch.Tensor]:
+        return K.segmented_hamming_topk(q, mem, off, k)
+
+    def theirs() -> tuple[np.ndarray, np.ndarray]:
+        return index.search(q_bytes, k)
+
+    with torch.inference_mode():
+        d_ours, i_ours = ours()
+        d_faiss, i_faiss = theirs()
+        big = batch * m * dim > 5e10  # a few seconds a call: one timed run each
+        t_ours, t_faiss = timeit_pair(ours, theirs, budget, 1 if big else 200)
+    return {
+        "k": k,
+        "ours_topk": t_ours,
+        "faiss_index_binary_flat": t_faiss,
+        "faiss_over_ours": t_faiss / t_ours,
+        "identical_distances": bool(np.array_equal(d_ours[:, 0].numpy(), d_faiss)),
+        "identical_indices": bool(np.array_equal(i_ours[:, 0].numpy(), i_faiss)),
+    }
+
+
 def quality(n_train: int, n_test: int, dims: list[int]) -> dict[str, object]:
     from edge_runtime.data.datasets import load_fashion_mnist
     from edge_runtime.encoder import Encoder, TorchBackend
@@ -258,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quality", action="store_true", help="projection quality on real features"
     )
+    parser.add_argument(
+        "--only", choices=["step", "projection", "similarity", "faiss"], action="append",
+        help="run only these tables (repeatable; default all)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.threads:
@@ -275,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     batches = [1, 64] if args.quick else [1, 64, 256]
     sizes = [10, 80, 1000] if args.quick else [10, 80, 1000, 10_000]
     dims = [4096] if args.quick else [4096, 10_000]
+    faiss_sizes = [80, 1000, 10_000] if args.quick else [10, 80, 1000, 10_000, 100_000]
+    faiss_dims = [2048] if args.quick else [2048, 4096, 10_000]
+    tables = set(args.only or ["step", "projection", "similarity", "faiss"])
 
     K.segmented_hamming_topk(K.pack_bits(torch.randn(1, 64)), K.pack_bits(torch.randn(2, 64)),
                              torch.tensor([0, 2]), 1)  # fmt: skip  # build the C++ kernels first
@@ -288,16 +362,43 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "copy_bandwidth_bytes_per_s": bw,
             "backend": backend,
+            "load_average_at_start": list(psutil.getloadavg()),
         },
         "step": [],
         "projection": [],
         "similarity": [],
+        "faiss": [],
     }
+    if "step" in tables:
+        _step_table(result, dims, budget, args.quick)
+    if "projection" in tables:
+        _projection_table(result, batches, dims, budget)
+    if "similarity" in tables:
+        _similarity_table(result, batches, sizes, dims, budget, bsc_max, bw)
+    if "faiss" in tables:
+        _faiss_table(result, batches, faiss_sizes, faiss_dims, budget)
+    result["machine"]["load_average_at_end"] = list(psutil.getloadavg())
 
+    checks = _acceptance(result)
+    result["acceptance"] = checks
+    print("\n== acceptance ==")
+    for name, c in checks.items():
+        verdict = "n/a " if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
+        print(f"{verdict}  {name}: {c['value']}")
+    print(f"load average at start {result['machine']['load_average_at_start']}, at end "
+          f"{result['machine']['load_average_at_end']}")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "bench_hdc.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {path}")
+    return 0
+
+
+def _step_table(result: dict[str, Any], dims: list[int], budget: float, quick: bool) -> None:
     print("\n== whole HDC step: 1,280 features -> D -> best of 80 prototypes per domain ==")
     w = [5, 6, 11, 9, 11, 12, 13]
     show(["batch", "D", "torchhd ms", "torch ms", "ours(H) ms", "ours(±1) ms", "torchhd/oursH"], w)
-    for batch in [1] if args.quick else [1, 256]:
+    for batch in [1] if quick else [1, 256]:
         for dim in dims:
             r = bench_step(batch, dim, 80, budget)
             result["step"].append({"batch": batch, "dim": dim, "prototypes": 80, **r})
@@ -305,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
             cells = [ms(th), ms(r["torch_float"]), ms(ours), ms(r["ours_dense_pm1_packed"])]
             show([str(batch), str(dim), *cells, ratio(th, ours)], w)
 
+
+def _projection_table(
+    result: dict[str, Any], batches: list[int], dims: list[int], budget: float
+) -> None:
     print("\n== projection only ==")
     w = [5, 6, 11, 11, 12, 13]
     show(["batch", "D", "torchhd ms", "ours(H) ms", "ours(±1) ms", "torchhd/oursH"], w)
@@ -316,6 +421,16 @@ def main(argv: list[str] | None = None) -> int:
             cells = [ms(th), ms(ours), ms(r["ours_dense_pm1_packed"]), ratio(th, ours)]
             show([str(batch), str(dim), *cells], w)
 
+
+def _similarity_table(
+    result: dict[str, Any],
+    batches: list[int],
+    sizes: list[int],
+    dims: list[int],
+    budget: float,
+    bsc_max: float,
+    bw: float,
+) -> None:
     print("\n== similarity + best per domain (10 domains) ==")
     w = [5, 6, 6, 2, 9, 9, 10, 9, 10, 10, 10, 9, 6]
     head = ["batch", "M", "D", "k", "ours ms", "MAP ms", "BSC ms", "torch ms"]
@@ -335,21 +450,49 @@ def main(argv: list[str] | None = None) -> int:
                 cells += [ratio(tf, ours), f"{bps / 1e9:.2f}", f"{100 * bps / bw:.1f}%"]
                 show([str(batch), str(m), str(dim), str(r["k"]), *cells], w)
 
-    checks = _acceptance(result)
-    result["acceptance"] = checks
-    print("\n== acceptance ==")
-    for name, c in checks.items():
-        verdict = "n/a " if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
-        print(f"{verdict}  {name}: {c['value']}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "bench_hdc.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {path}")
-    return 0
+
+def _faiss_table(
+    result: dict[str, Any], batches: list[int], sizes: list[int], dims: list[int], budget: float
+) -> None:
+    try:
+        import faiss
+    except ImportError:
+        print("\n== FAISS: not installed (pip install -e .[bench]); table skipped ==")
+        result["faiss_version"] = None
+        return
+    threads = torch.get_num_threads()
+    faiss.omp_set_num_threads(threads)  # the same threads as ours
+    result["faiss_version"] = faiss.__version__
+    print(f"\n== exact Hamming top-{FAISS_K}: ours vs faiss.IndexBinaryFlat {faiss.__version__}, "
+          f"{threads} threads each, random codes, one segment ==")  # fmt: skip
+    w = [5, 7, 6, 2, 10, 10, 11, 10]
+    show(["batch", "codes", "D", "k", "ours ms", "FAISS ms", "FAISS/ours", "same dist"], w)
+    for dim in dims:
+        for m in sizes:
+            for batch in batches:
+                r = bench_faiss(batch, m, dim, budget)
+                result["faiss"].append({"batch": batch, "entries": m, "dim": dim, **r})
+                same = "yes" if r["identical_distances"] else "NO"
+                cells = [f"{r['ours_topk'] * 1e3:.4f}", f"{r['faiss_index_binary_flat'] * 1e3:.4f}"]
+                cells += [f"{r['faiss_over_ours']:.2f}x", same]
+                show([str(batch), str(m), str(dim), str(r["k"]), *cells], w)
 
 
 def _acceptance(result: dict) -> dict[str, dict]:
     out: dict[str, dict] = {}
+    if result.get("faiss"):
+        rows = result["faiss"]
+        worst = min(rows, key=lambda r: r["faiss_over_ours"])
+        where = f"batch {worst['batch']}, {worst['entries']} codes, D={worst['dim']}"
+        out["ours >= FAISS IndexBinaryFlat at every size"] = {
+            "value": f"lowest FAISS/ours {worst['faiss_over_ours']:.2f}x ({where})",
+            "pass": worst["faiss_over_ours"] >= 1.0,
+        }
+        same = sum(r["identical_distances"] for r in rows)
+        out["identical distances to FAISS"] = {
+            "value": f"{same}/{len(rows)} sizes",
+            "pass": same == len(rows),
+        }
     for r in result["step"]:
         if r["batch"] == 1 and r["dim"] == 10_000:
             x = r["torchhd_projection_cosine"] / r["ours_hadamard_packed"]

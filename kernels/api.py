@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 import torch
-from edge_runtime.kernels import _checks, cpu_ext, reference, torch_backend
+from edge_runtime.kernels import _alloc, _checks, cpp_backend, cpu_ext, reference, torch_backend
 from edge_runtime.kernels.hadamard import check_signs
 from edge_runtime.kernels.knn import knn_similarity, rerank_similarity
 
@@ -25,6 +25,7 @@ from edge_runtime.errors import BackendUnavailableError, InputError
 
 Backend = Literal["auto", "reference", "cpp", "torch", "triton", "cuda"]
 BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp", "torch", "triton", "cuda")
+_ENV = "EDGE_RUNTIME_KERNEL_BACKEND"  # replaces "auto" when set (see resolve_backend)
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,8 +43,6 @@ def _module(name: str) -> ModuleType:
     if name == "torch":
         return torch_backend
     if name == "cpp":
-        from edge_runtime.kernels import cpp_backend
-
         return cpp_backend
     if name == "triton":
         if not triton_importable():
@@ -68,7 +67,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     kernels in or out when a result looks wrong).
     """
     if backend == "auto":
-        backend = os.environ.get("EDGE_RUNTIME_KERNEL_BACKEND", "auto") or "auto"
+        backend = os.environ.get(_ENV, "auto") or "auto"
     if backend != "auto":
         if backend not in BACKENDS:
             raise InputError(
@@ -92,6 +91,27 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "cuda"
         return "triton" if triton_importable() else "torch"
     return "torch"
+
+
+def _lean_cpu_topk(backend: str) -> Callable[..., Any] | None:
+    """The C++ top-k that validates and allocates in native code, when ``backend`` means the
+    C++ kernels for CPU tensors and outputs need no poisoning; else None.
+
+    Per frame against a small memory the scan itself takes about a microsecond, and the
+    Python checks and two torch allocations around it cost several times that: enough to
+    lose to FAISS at the runtime's own sizes (the FAISS table of benchmarks/bench_hdc.py).
+    The general path stays the one that names a bad input.
+    """
+    if backend == "auto":
+        env = os.environ.get(_ENV)
+        if env and env != "auto":
+            return None
+    elif backend != "cpp":
+        return None
+    if _alloc.poisoning():
+        return None
+    mod = cpu_ext.load()
+    return None if mod is None else mod.segmented_topk_checked
 
 
 def _triton_interpreted(backend: str) -> bool:
@@ -171,6 +191,13 @@ def segmented_hamming_topk(
     lower row. The fast paths keep only k candidates per (query, segment) while scanning:
     the (B, M) distance matrix is never written.
     """
+    if type(query) is torch.Tensor and query.is_cpu and type(k) is int:
+        lean = _lean_cpu_topk(backend)
+        if lean is not None:
+            try:
+                return lean(query, memory, offsets, k, cpp_backend.PARALLEL_WORK)
+            except (TypeError, ValueError, RuntimeError):
+                pass  # the checks below name the mistake, or the general path runs
     _checks.check_pair(query, memory)
     _checks.check_k(k)
     _checks.check_offsets(offsets, memory.shape[0])

@@ -6,8 +6,8 @@ each neighbour's angle from D sign bits, and near a tie between two domains that
 noise (about 0.01 in similarity at D = 4,096) decides the route. The
 scan keeps a few more candidates than k per segment, and their exact angles to the query
 (unit-norm float16 copies of the normalised exemplar features) give the final k-NN score:
-a few dot products per frame instead of a float scan of the whole memory. Pure torch, any
-device; the C++ kernel ``fused_bank_scores`` does the same in native code.
+a few dot products per frame instead of a float scan of the whole memory. Pure torch, on the
+inputs' device; the C++ kernel ``fused_bank_scores`` does the same in native code.
 """
 
 from __future__ import annotations
@@ -74,14 +74,12 @@ def rerank_similarity(
         valid &= rows != own.view(b, 1, 1)
     safe = rows.clamp(min=0)
     zq = zq.to(torch.float32)
-    cos = torch.empty(b, s, c, dtype=torch.float32)
+    cos = torch.empty(b, s, c, dtype=torch.float32, device=zq.device)
     step = max(1, 4096 // max(1, s * c))  # bounds the gathered (step,S,C,P) block
     for i in range(0, b, step):
         cand = zmem[safe[i : i + step]].to(torch.float32)
         cos[i : i + step] = torch.einsum("bp,bscp->bsc", zq[i : i + step], cand)
-    ang = torch.where(
-        valid, angular_similarity(cos), torch.tensor(float("-inf"), dtype=torch.float64)
-    )
+    ang = torch.where(valid, angular_similarity(cos), float("-inf"))
     kk = min(k, c)
     top, pos = torch.topk(ang, kk, dim=2)  # sorted, best first
     top_rows = torch.where(torch.isfinite(top), torch.gather(rows, 2, pos), -1)

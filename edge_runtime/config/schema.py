@@ -135,8 +135,9 @@ class HDCConfig(_Section):
     # sign codes only have to find each domain's candidates. `python
     # benchmarks/eval_hdc_fastpath.py` prints near/far AUROC 90.69/99.07 at D=2,048 with rerank
     # 16 and 90.71/99.09 for the float (angle) path; with `--config` holding `hdc: {dim: 4096,
-    # rerank: 0}` (Hamming alone) it prints 90.42/99.09, for twice the scan (512 B per exemplar). 2,048 is also the padded width of the
-    # default 1,304 features, so the float projection is an isometry and loses nothing.
+    # rerank: 0}` (Hamming alone) it prints 90.42/99.09, for twice the scan (512 B per exemplar).
+    # 2,048 is also the padded width of the default 1,304 features, so the float projection is
+    # an isometry and loses nothing.
     dim: int = Field(2048, gt=0)
     # "hadamard": structured H·D·H·D sign projection (no stored matrix, O(D log F) per frame,
     # same quality as the dense seeded Gaussian matrix of "gaussian").

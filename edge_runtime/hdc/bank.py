@@ -10,6 +10,12 @@ scan's candidates, see ``kernels/knn.py``); they are made comparable across doma
 subtracting each domain's threshold, calibrated for the configured TPR on that
 domain's own frames, each scored leave-one-out against the domain's memory. The
 runtime routes to the argmax and calls a frame OOD when every calibrated score is below 0.
+
+Scoring runs on the device of the incoming features (a torch batch's own device; numpy on
+the CPU), or on the bank's configured ``device``, through the kernels' dispatch, which picks
+the backend for that device (the C++ kernels on CPU, CUDA or Triton on a GPU). The memory
+itself stays on the CPU, where checkpoints and the runtime's budget read it, and is mirrored
+once per change to the scoring device.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 import torch
 
 from edge_runtime import kernels
-from edge_runtime.errors import CheckpointError, InputError
+from edge_runtime.errors import BackendUnavailableError, CheckpointError, InputError
 from edge_runtime.hdc.base import check_labels, threshold_for_tpr
 from edge_runtime.hdc.memory import (
     _QUERY_CHUNK,
@@ -41,6 +47,18 @@ _FAST_BATCH = _QUERY_CHUNK
 # per-frame case, where Python and torch dispatch between the kernels cost more than they do.
 _FUSED_BATCH = 64
 _BACKEND_ENV = "EDGE_RUNTIME_KERNEL_BACKEND"
+_CPU = torch.device("cpu")
+
+
+def _scoring_device(device: str | torch.device | None) -> torch.device | None:
+    """A configured scoring device, refused up front when it cannot run here (rather than at
+    the first frame)."""
+    if device is None:
+        return None
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"memory bank device {dev} needs CUDA, which is absent")
+    return dev
 
 
 def _unit(z: torch.Tensor) -> torch.Tensor:
@@ -77,6 +95,7 @@ class DomainMemoryBank:
         seed: int = 0,
         max_calibration: int = 2000,
         rerank: int = 0,
+        device: str | torch.device | None = None,
     ):
         if k <= 0 or max_exemplars <= 0:
             raise InputError("k and max_exemplars must be > 0")
@@ -116,6 +135,11 @@ class DomainMemoryBank:
         self._zero_thr: torch.Tensor | None = None
         # (EDGE_RUNTIME_KERNEL_BACKEND when resolved, the fused scorer or None)
         self._fused_fn: tuple[str | None, Any] | None = None
+        # None: score where the features are; else every batch moves to this device
+        self.device = _scoring_device(device)
+        self._numpy_on_cpu = self.device is None or self.device.type == "cpu"
+        # device -> ((packed, offsets, exact) on the CPU, their copies on that device)
+        self._mirrors: dict[torch.device, tuple[tuple, tuple]] = {}
 
     @property
     def dim(self) -> int:
@@ -133,6 +157,24 @@ class DomainMemoryBank:
     def candidates(self) -> int:
         """Rows per segment the packed scan keeps: k, or ``rerank`` (at least k) to re-score."""
         return max(self.rerank, self.k) if self.rerank else self.k
+
+    # ------------------------------------------------------------------ devices
+    def _device_for(self, features: object) -> torch.device:
+        if self.device is not None:
+            return self.device
+        return features.device if isinstance(features, torch.Tensor) else _CPU
+
+    def _memory(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(packed, offsets, exact) on ``device``; off the CPU, a copy made once per change of
+        the memory (every change replaces these tensors, so identity tells)."""
+        held = (self.packed, self.offsets, self.exact)
+        if device.type == "cpu":
+            return held
+        hit = self._mirrors.get(device)
+        if hit is None or any(a is not b for a, b in zip(hit[0], held, strict=True)):
+            hit = (held, tuple(None if t is None else t.to(device) for t in held))
+            self._mirrors[device] = hit
+        return hit[1]
 
     # ------------------------------------------------------------------ domains
     def calibration_rows(self, n: int, seed: int) -> torch.Tensor:
@@ -163,7 +205,10 @@ class DomainMemoryBank:
         c = self.candidates + (0 if own is None else 1)
         z = self.encoder.normalise(x)
         q = self.encoder.pack_normalised(z)
-        if len(q) <= _FAST_BATCH and q.device.type == "cpu":
+        offsets = offsets.to(q.device)
+        if own is not None:
+            own = own.to(q.device)
+        if len(q) <= _FAST_BATCH:
             topk = kernels.api.unchecked("segmented_hamming_topk", q.device)
             dist, rows = topk(q, packed, offsets, c)
         else:
@@ -205,7 +250,7 @@ class DomainMemoryBank:
         cal = self.calibration_rows(len(x), seed)
         off = torch.tensor([0, len(packed)], dtype=torch.int64)
         sim, _, _ = self._knn(x[cal], packed, off, exact, own[cal])
-        return threshold_for_tpr(sim[:, 0].numpy(), self.tpr)
+        return threshold_for_tpr(sim[:, 0].cpu().numpy(), self.tpr)
 
     def add_domain(
         self,
@@ -225,7 +270,7 @@ class DomainMemoryBank:
             raise InputError(f"domain {domain_id} is already in the memory bank")
         if self.encoder.in_features is None:
             self.encoder.fit(features)
-        x = check_features(features, self.encoder.in_features)
+        x = check_features(features, self.encoder.in_features, device=self._device_for(features))
         y = check_labels(labels, len(x))
         if calib_features is None and len(x) < 2:
             raise InputError("add_domain needs calib_features or at least 2 training frames")
@@ -236,11 +281,15 @@ class DomainMemoryBank:
         if calib_features is None:
             threshold = self._calibrate(x, keep, packed, exact, 0, self.seed + domain_id)
         else:
-            calib = check_features(calib_features, self.encoder.in_features, name="calib_features")
+            calib = check_features(
+                calib_features, self.encoder.in_features, name="calib_features", device=x.device
+            )
             off = torch.tensor([0, len(packed)], dtype=torch.int64)
             sim, _, _ = self._knn(calib, packed, off, exact)
-            threshold = threshold_for_tpr(sim[:, 0].numpy(), self.tpr)
+            threshold = threshold_for_tpr(sim[:, 0].cpu().numpy(), self.tpr)
+        packed = packed.cpu()
         if exact is not None:
+            exact = exact.cpu()
             self.exact = exact if self.exact is None else torch.cat([self.exact, exact])
         self.packed = torch.cat([self.packed, packed])
         self.labels = torch.cat([self.labels, y[keep]])
@@ -265,7 +314,7 @@ class DomainMemoryBank:
         domain_id = int(domain_id)
         if domain_id not in self.domain_ids:
             raise InputError(f"domain {domain_id} is not in the memory bank")
-        x = check_features(features, self.encoder.in_features)
+        x = check_features(features, self.encoder.in_features, device=self._device_for(features))
         y = check_labels(labels, len(x))
         if len(x) < 2:
             raise InputError("extend_domain needs at least 2 frames")
@@ -273,13 +322,14 @@ class DomainMemoryBank:
         seed = self.seed + domain_id + len(self.labels)
         keep = torch.from_numpy(select_exemplars(y.numpy(), self.max_exemplars, seed))
         packed, exact = self._encode_rows(x[keep])
+        packed, exact = packed.cpu(), None if exact is None else exact.cpu()
         lo, hi = int(self.offsets[s]), int(self.offsets[s + 1])
         segment = torch.cat([self.packed[lo:hi], packed])
         seg_exact = None
         if exact is not None and self.exact is not None:
-            seg_exact = torch.cat([self.exact[lo:hi], exact])
+            seg_exact = torch.cat([self.exact[lo:hi], exact]).to(x.device)
             self.exact = torch.cat([self.exact[:hi], exact, self.exact[hi:]])
-        new_thr = self._calibrate(x, keep, segment, seg_exact, hi - lo, seed)
+        new_thr = self._calibrate(x, keep, segment.to(x.device), seg_exact, hi - lo, seed)
         threshold = min(self.thresholds[s], new_thr)
         self.packed = torch.cat([self.packed[:hi], packed, self.packed[hi:]])
         self.labels = torch.cat([self.labels[:hi], y[keep], self.labels[hi:]])
@@ -316,7 +366,7 @@ class DomainMemoryBank:
             raise InputError("the memory bank holds no domains: add_domain first")
         # Validated once here; past this point the encoder and kernels take the unchecked
         # paths (packed/offsets are built by this class and checked on load_state_dict).
-        return check_features(features, self.encoder.in_features)
+        return check_features(features, self.encoder.in_features, device=self._device_for(features))
 
     def scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """(N,S) float32 raw k-NN similarity to each domain (columns follow ``domain_ids``)."""
@@ -334,7 +384,7 @@ class DomainMemoryBank:
         fused = self._fused(x, calibrated=calibrated)
         if fused is not None:
             return fused
-        sim = self._knn(x, self.packed, self.offsets, self.exact)[0].numpy()
+        sim = self._knn(x, *self._memory(x.device))[0].cpu().numpy()
         return sim - np.asarray(self.thresholds, dtype=np.float32) if calibrated else sim
 
     def _fused_native(self) -> Any:
@@ -384,6 +434,7 @@ class DomainMemoryBank:
         """
         if not (
             type(features) is np.ndarray
+            and self._numpy_on_cpu
             and features.dtype == np.float32
             and features.ndim == 2
             and 0 < features.shape[0] <= _FUSED_BATCH
@@ -429,7 +480,8 @@ class DomainMemoryBank:
 
     def route(self, features: np.ndarray | torch.Tensor) -> Routing:
         """Best domain per frame (-1 if every calibrated score is < 0) and its k-NN class."""
-        sim, rows, dist = self._knn(self._checked(features), self.packed, self.offsets, self.exact)
+        x = self._checked(features)
+        sim, rows, dist = (t.cpu() for t in self._knn(x, *self._memory(x.device)))
         cal = sim.numpy() - np.asarray(self.thresholds, dtype=np.float32)
         best = cal.argmax(axis=1)
         b = torch.from_numpy(best)
@@ -515,6 +567,7 @@ class DomainMemoryBank:
         self.rerank = rerank
         self.exact = None if exact is None or not rerank else exact.to(torch.float16)
         self._fused_fn = None
+        self._mirrors = {}
         self.encoder = enc
         self.packed, self.labels, self.offsets = (
             packed,

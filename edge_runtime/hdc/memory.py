@@ -93,10 +93,11 @@ def knn_vote(
 ) -> torch.Tensor:
     """(B,k) neighbour rows/distances → (B,) majority label; ties go to the closer neighbours."""
     valid = rows >= 0
+    labels = labels.to(rows.device)
     lab = torch.where(valid, labels[rows.clamp(min=0)], torch.zeros_like(rows))
     # Each vote weighs 1 plus a tiny bonus for closeness, so a tie breaks towards nearer rows.
     w = valid.to(torch.float64) * (1.0 + 1e-6 / (1.0 + dist.to(torch.float64)))
-    votes = torch.zeros(rows.shape[0], n_classes, dtype=torch.float64)
+    votes = torch.zeros(rows.shape[0], n_classes, dtype=torch.float64, device=rows.device)
     votes.scatter_add_(1, lab, w)
     return votes.argmax(dim=1)
 
@@ -131,9 +132,10 @@ class ExemplarMemory:
         return int(self.packed.numel() * 8)
 
     def topk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,k) nearest distances and rows among all exemplars."""
+        """(B,k) nearest distances and rows among all exemplars (on the memory's device: the
+        encoder keeps a GPU batch's codes on the GPU, the memory may live elsewhere)."""
         offsets = torch.tensor([0, len(self)], dtype=torch.int64)
-        d, i = segmented_topk(queries, self.packed, offsets, k)
+        d, i = segmented_topk(queries.to(self.packed.device), self.packed, offsets, k)
         return d[:, 0], i[:, 0]
 
 
@@ -147,6 +149,7 @@ class PrototypeMemory:
     def best(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) best cosine similarity and (B,) label of the best prototype."""
         offsets = torch.tensor([0, self.prototypes.shape[0]], dtype=torch.int64)
+        queries = queries.to(self.prototypes.device)  # as ExemplarMemory.topk
         sims, rows = [], []
         for s in range(0, len(queries), _QUERY_CHUNK):
             v, r = kernels.segmented_cosine_max(

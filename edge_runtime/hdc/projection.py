@@ -14,6 +14,10 @@ Two views of the same projection:
 
 The projection matrix is regenerated from ``seed`` rather than stored, so a
 checkpoint holds a few KB of preprocessing state instead of a 10,000×F matrix.
+
+A torch batch is encoded on its own device (numpy batches on the CPU): the projection
+state (matrix or Hadamard signs, centring mean) is copied there once and kept, and the
+kernels' dispatch picks the backend for that device (C++ on CPU, CUDA or Triton on a GPU).
 """
 
 from __future__ import annotations
@@ -56,13 +60,21 @@ class _Plan:
 
 
 def check_features(
-    features: np.ndarray | torch.Tensor, dim: int | None = None, *, name: str = "features"
+    features: np.ndarray | torch.Tensor,
+    dim: int | None = None,
+    *,
+    name: str = "features",
+    device: torch.device | str | None = "cpu",
 ) -> torch.Tensor:
-    """Validate an (N,F) feature batch and return it as a float32 CPU tensor.
+    """Validate an (N,F) feature batch and return it as a float32 tensor on ``device``.
 
-    Raises :class:`InputError` for a wrong rank, an empty batch, a width other
-    than ``dim``, or NaN/Inf values.
+    ``device=None`` keeps a torch batch on its own device (a numpy batch goes to the CPU),
+    so a GPU encoder's features are scored where they are. Raises :class:`InputError` for a
+    wrong rank, an empty batch, a width other than ``dim``, or NaN/Inf values.
     """
+    if device is not None and device != "cpu" and torch.device(device).type != "cpu":
+        t = check_features(features, dim, name=name, device=None)
+        return t.to(device)
     if isinstance(features, np.ndarray):
         if features.dtype != np.float32 and not (
             np.issubdtype(features.dtype, np.floating) or np.issubdtype(features.dtype, np.integer)
@@ -77,7 +89,7 @@ def check_features(
             return torch.from_numpy(a)
         t = torch.from_numpy(a)
     elif isinstance(features, torch.Tensor):
-        t = features.detach().to("cpu", torch.float32)
+        t = features.detach().to(features.device if device is None else device, torch.float32)
     else:
         raise InputError(
             f"{name} must be a numpy array or torch tensor, got {type(features).__name__}"
@@ -90,7 +102,7 @@ def check_features(
         raise InputError(
             f"{name} have width {t.shape[1]}, but the detector was fitted on width {dim}"
         )
-    if not torch.isfinite(t).all():
+    if not bool(torch.isfinite(t).all()):
         bad = torch.nonzero(~torch.isfinite(t).all(dim=1)).flatten()[:5].tolist()
         raise InputError(f"{name} contain NaN or Inf values (rows {bad})")
     return t
@@ -129,6 +141,10 @@ class HypervectorEncoder:
     in_features: int | None = None
     _weight: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _plan_cache: _Plan | None = field(default=None, repr=False, compare=False)
+    # (what, device) -> (the CPU tensor it copies, the copy on that device)
+    _on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.dim <= 0:
@@ -238,6 +254,17 @@ class HypervectorEncoder:
                 return self._normalise_fast(features, plan)
         return self._normalise_reference(features)
 
+    def _on(self, what: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``t`` (projection state, kept on the CPU) on ``device``: copied once per value of
+        ``t``, not per frame."""
+        if t.device == device:
+            return t
+        hit = self._on_device.get((what, device))
+        if hit is None or hit[0] is not t:
+            hit = (t, t.to(device))
+            self._on_device[(what, device)] = hit
+        return hit[1]
+
     def _normalise_reference(self, features: torch.Tensor) -> torch.Tensor:
         """The plain torch formulation (any dtype/device); the fast path must equal it."""
         parts = []
@@ -248,7 +275,7 @@ class HypervectorEncoder:
             parts.append(x * w)
         z = torch.cat(parts, dim=1)
         if self.center and self.mean is not None:
-            z = z - self.mean
+            z = z - self._on("mean", self.mean, z.device)
         return z
 
     def fit(self, features: np.ndarray | torch.Tensor) -> HypervectorEncoder:
@@ -278,21 +305,25 @@ class HypervectorEncoder:
     def _hadamard_float(self, z: torch.Tensor) -> torch.Tensor:
         """Structured projection before the sign, scaled to unit-variance entries like the
         Gaussian matrix (each entry of H·D2·H·D1 has variance P)."""
-        signs = self._signs(z.shape[1])
+        signs = self._signs(z.shape[1], z.device)
         return hadamard_project(z, signs, self.dim) / float(signs.shape[2]) ** 0.5
 
-    def _signs(self, width: int) -> torch.Tensor:
-        """Hadamard diagonals for a projected width: cached with the plan, not redrawn per call."""
+    def _signs(self, width: int, device: torch.device | None = None) -> torch.Tensor:
+        """Hadamard diagonals for a projected width (on ``device``, default the CPU): cached
+        with the plan, not redrawn per call."""
+        signs = None
         if self.in_features is not None:
             plan = self._plan(self.in_features)
             if plan.width == width and plan.signs is not None:
-                return plan.signs
-        return kernels.hadamard_signs(width, self.dim, self.seed)
+                signs = plan.signs
+        if signs is None:
+            signs = kernels.hadamard_signs(width, self.dim, self.seed)
+        return signs if device is None else self._on("signs", signs, device)
 
     def _prepared(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
         if self.in_features is None:
             raise InputError("HypervectorEncoder is not fitted: call fit(features) first")
-        return self.normalise(check_features(features, self.in_features))
+        return self.normalise(check_features(features, self.in_features, device=None))
 
     @property
     def normalised_width(self) -> int:
@@ -330,7 +361,7 @@ class HypervectorEncoder:
                 [self._hadamard_float(z[i : i + _CHUNK]) for i in range(0, len(z), _CHUNK)]
             )
             return out.as_subclass(torchhd.MAPTensor)
-        w = self.weight
+        w = self._on("weight", self.weight, z.device)
         out = torch.cat([z[i : i + _CHUNK] @ w.T for i in range(0, len(z), _CHUNK)])
         return out.as_subclass(torchhd.MAPTensor)
 
@@ -340,7 +371,7 @@ class HypervectorEncoder:
 
     def _pack(self, z: torch.Tensor) -> torch.Tensor:
         if self.projection == "hadamard":
-            signs = self._signs(z.shape[1])
+            signs = self._signs(z.shape[1], z.device)
             if z.dtype == torch.float32 and z.device.type == "cpu" and z.is_contiguous():
                 # z and the cached signs are valid by construction: skip the API's checks
                 # (same backend, same chunks, so the same bits as the checked calls below).
@@ -359,7 +390,7 @@ class HypervectorEncoder:
                     for i in range(0, len(z), _CHUNK)
                 ]
             )
-        w = self.weight
+        w = self._on("weight", self.weight, z.device)
         return torch.cat(
             [kernels.sign_project_pack(z[i : i + _CHUNK], w) for i in range(0, len(z), _CHUNK)]
         )

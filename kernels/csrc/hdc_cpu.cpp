@@ -3,8 +3,10 @@
 //
 // Conventions (see kernels/reference.py): packed rows are int64 (N, W), W = ceil(D/64),
 // bit j of word w is component 64w+j; padding bits are zero. Segments are given by
-// offsets (S+1,). Input validation happens in Python; these functions assume valid,
-// contiguous tensors of the right dtypes.
+// offsets (S+1,). Input validation happens in Python (kernels/_checks.py); these functions
+// assume valid, contiguous tensors of the right dtypes, except segmented_topk_checked, which
+// validates for itself (it serves one frame per call, where the Python checks cost more
+// than the scan).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -17,6 +19,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -24,61 +27,148 @@ namespace {
 constexpr int kQueryBlock = 8;  // queries sharing one pass over a memory row (cuts memory traffic 8x)
 constexpr int32_t kPadDist = std::numeric_limits<int32_t>::max();
 
-// Distances from NQ queries to one memory row. Each memory word is loaded once and used
-// NQ times, and the NQ partial sums stay in registers until the end of the row.
+// Distances from NQ queries to NR consecutive memory rows, out[j * NR + r]. Each query
+// word is loaded once per NR rows and each memory word once per NQ queries; the NQ*NR
+// partial sums stay in registers until the end of the rows. Several rows per query matter
+// for a single frame: one row alone is a chain of dependent adds plus a horizontal sum,
+// while NR independent rows keep the popcount units busy (while the memory fits in L2;
+// beyond it the scan is bound by memory bandwidth either way).
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
-template <int NQ>
-inline void block_distances(const uint64_t* const* qs, const uint64_t* row, int64_t words, int32_t* out) {
-  __m512i acc[NQ];
-  for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_si512();
+// out[i] = the sum of acc[i]'s eight lanes, for i < N. For N = 4, 8, 16 the sums are
+// transposed into one vector (unpack, then two 128-bit lane shuffles), about a third of the
+// instructions of N separate horizontal sums, which at 2,048 bits a row would otherwise be
+// a large share of a batched tile's work.
+template <int N>
+inline void reduce_store(const __m512i* acc, int32_t* out) {
+  if constexpr (N == 16) {
+    reduce_store<8>(acc, out);
+    reduce_store<8>(acc + 8, out + 8);
+  } else if constexpr (N == 8 || N == 4) {
+    __m512i s[N / 2];  // s[i], 128-bit lane L: (lanes 2L + 2L+1 of acc[2i], the same of acc[2i+1])
+    for (int i = 0; i < N / 2; ++i)
+      s[i] = _mm512_add_epi64(_mm512_unpacklo_epi64(acc[2 * i], acc[2 * i + 1]),
+                              _mm512_unpackhi_epi64(acc[2 * i], acc[2 * i + 1]));
+    const __m512i u0 = _mm512_add_epi64(_mm512_shuffle_i64x2(s[0], s[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                        _mm512_shuffle_i64x2(s[0], s[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512i u1 = u0;
+    if constexpr (N == 8)
+      u1 = _mm512_add_epi64(_mm512_shuffle_i64x2(s[2], s[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                            _mm512_shuffle_i64x2(s[2], s[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    // lane i of w: the whole sum of acc[i] (for N = 4 lanes 4..7 repeat 0..3)
+    const __m512i w = _mm512_add_epi64(_mm512_shuffle_i64x2(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                       _mm512_shuffle_i64x2(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m256i d = _mm512_cvtepi64_epi32(w);  // a row's distance is at most 2^31 - 1 bits
+    if constexpr (N == 8)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), d);
+    else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(d));
+  } else {
+    for (int i = 0; i < N; ++i) out[i] = static_cast<int32_t>(_mm512_reduce_add_epi64(acc[i]));
+  }
+}
+
+template <int NQ, int NR>
+inline void tile_distances(const uint64_t* const* qs, const uint64_t* row, int64_t words, int32_t* out) {
+  __m512i acc[NQ * NR];
+  for (int i = 0; i < NQ * NR; ++i) acc[i] = _mm512_setzero_si512();
   int64_t w = 0;
   for (; w + 8 <= words; w += 8) {
-    const __m512i m = _mm512_loadu_si512(row + w);
-    for (int i = 0; i < NQ; ++i)
-      acc[i] = _mm512_add_epi64(acc[i], _mm512_popcnt_epi64(_mm512_xor_si512(m, _mm512_loadu_si512(qs[i] + w))));
+    __m512i m[NR];
+    for (int r = 0; r < NR; ++r) m[r] = _mm512_loadu_si512(row + r * words + w);
+    for (int j = 0; j < NQ; ++j) {
+      const __m512i x = _mm512_loadu_si512(qs[j] + w);
+      for (int r = 0; r < NR; ++r)
+        acc[j * NR + r] = _mm512_add_epi64(acc[j * NR + r], _mm512_popcnt_epi64(_mm512_xor_si512(m[r], x)));
+    }
   }
-  if (w < words) {  // masked tail: never reads past the row
+  if (w < words) {  // masked tail: never reads past a row
     const __mmask8 mask = static_cast<__mmask8>((1u << (words - w)) - 1u);
-    const __m512i m = _mm512_maskz_loadu_epi64(mask, row + w);
-    for (int i = 0; i < NQ; ++i)
-      acc[i] = _mm512_add_epi64(
-          acc[i], _mm512_popcnt_epi64(_mm512_xor_si512(m, _mm512_maskz_loadu_epi64(mask, qs[i] + w))));
+    __m512i m[NR];
+    for (int r = 0; r < NR; ++r) m[r] = _mm512_maskz_loadu_epi64(mask, row + r * words + w);
+    for (int j = 0; j < NQ; ++j) {
+      const __m512i x = _mm512_maskz_loadu_epi64(mask, qs[j] + w);
+      for (int r = 0; r < NR; ++r)
+        acc[j * NR + r] = _mm512_add_epi64(acc[j * NR + r], _mm512_popcnt_epi64(_mm512_xor_si512(m[r], x)));
+    }
   }
-  for (int i = 0; i < NQ; ++i) out[i] = static_cast<int32_t>(_mm512_reduce_add_epi64(acc[i]));
+  reduce_store<NQ * NR>(acc, out);
 }
 #else
-template <int NQ>
-inline void block_distances(const uint64_t* const* qs, const uint64_t* row, int64_t words, int32_t* out) {
-  int64_t acc[NQ] = {0};
+template <int NQ, int NR>
+inline void tile_distances(const uint64_t* const* qs, const uint64_t* row, int64_t words, int32_t* out) {
+  int64_t acc[NQ * NR] = {0};
   for (int64_t w = 0; w < words; ++w) {
-    const uint64_t m = row[w];
-    for (int i = 0; i < NQ; ++i) acc[i] += __builtin_popcountll(m ^ qs[i][w]);
+    for (int j = 0; j < NQ; ++j) {
+      const uint64_t x = qs[j][w];
+      for (int r = 0; r < NR; ++r) acc[j * NR + r] += __builtin_popcountll(row[r * words + w] ^ x);
+    }
   }
-  for (int i = 0; i < NQ; ++i) out[i] = static_cast<int32_t>(acc[i]);
+  for (int i = 0; i < NQ * NR; ++i) out[i] = static_cast<int32_t>(acc[i]);
 }
 #endif
 
-// Calls fn(first_query, n, distances) for rows r in [r0, r1) and queries [q0, q1), in
-// sub-blocks of 8/4/2/1 queries so a single query does not pay for eight.
-template <typename Fn>
+// No filter: every distance reaches fn (the whole distance matrix is wanted).
+struct NoLimit {};
+
+// fn(query, row, distance) for NQ queries over rows [r0, r1): NR rows per tile while they
+// last, then one at a time. Rows reach fn in increasing order for each query. With a
+// `limit` (query -> pointer to the worst distance its top-k list still takes), only the
+// distances below it reach fn: one branch-free compare per distance and a loop over the few
+// that pass, instead of a branch per distance that a top-k push would take (the insert
+// itself re-checks, so a limit that moves within a tile stays exact).
+template <int NQ, int NR, typename Fn, typename Limit>
+inline void tile_out(const int32_t* d, int64_t i0, int64_t r, Fn& fn, const Limit& limit) {
+  if constexpr (std::is_same_v<Limit, NoLimit>) {
+    for (int j = 0; j < NQ; ++j)
+      for (int t = 0; t < NR; ++t) fn(i0 + j, r + t, d[j * NR + t]);
+  } else {
+    uint32_t hits = 0;
+    for (int j = 0; j < NQ; ++j) {
+      const int32_t worst = *limit(i0 + j);
+      for (int t = 0; t < NR; ++t) hits |= static_cast<uint32_t>(d[j * NR + t] < worst) << (j * NR + t);
+    }
+    while (hits) {
+      const int b = __builtin_ctz(hits);
+      hits &= hits - 1;
+      fn(i0 + b / NR, r + b % NR, d[b]);
+    }
+  }
+}
+
+template <int NQ, int NR, typename Fn, typename Limit>
+inline void scan_block(const uint64_t* const* qs, const uint64_t* mem, int64_t words, int64_t i0,
+                       int64_t r0, int64_t r1, Fn& fn, const Limit& limit) {
+  int32_t d[NQ * NR];
+  int64_t r = r0;
+  for (; r + NR <= r1; r += NR) {
+    tile_distances<NQ, NR>(qs, mem + r * words, words, d);
+    tile_out<NQ, NR>(d, i0, r, fn, limit);
+  }
+  for (; r < r1; ++r) {
+    tile_distances<NQ, 1>(qs, mem + r * words, words, d);
+    tile_out<NQ, 1>(d, i0, r, fn, limit);
+  }
+}
+
+// Calls fn(query, row, distance) for rows r in [r0, r1) and queries [q0, q1), in
+// sub-blocks of 8/4/2/1 queries so a single query does not pay for eight. Tiles of 8x2,
+// 4x2, 2x4 and 1x4 (queries x rows), each timed against its neighbours: 8x2 over 8x1
+// because two rows share each query load, and one query gains nothing past 4 rows (the
+// scan is then bound by memory bandwidth).
+template <typename Fn, typename Limit = NoLimit>
 inline void scan_rows(const uint64_t* q, const uint64_t* mem, int64_t words, int64_t q0, int64_t q1,
-                      int64_t r0, int64_t r1, Fn&& fn) {
+                      int64_t r0, int64_t r1, Fn&& fn, const Limit& limit = Limit{}) {
   int64_t i = q0;
   while (i < q1) {
     const int64_t left = q1 - i;
     const int nq = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
     const uint64_t* qs[8];
     for (int j = 0; j < nq; ++j) qs[j] = q + (i + j) * words;
-    int32_t d[8];
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint64_t* row = mem + r * words;
-      switch (nq) {
-        case 8: block_distances<8>(qs, row, words, d); break;
-        case 4: block_distances<4>(qs, row, words, d); break;
-        case 2: block_distances<2>(qs, row, words, d); break;
-        default: block_distances<1>(qs, row, words, d); break;
-      }
-      for (int j = 0; j < nq; ++j) fn(i + j, r, d[j]);
+    switch (nq) {
+      case 8: scan_block<8, 2>(qs, mem, words, i, r0, r1, fn, limit); break;
+      case 4: scan_block<4, 2>(qs, mem, words, i, r0, r1, fn, limit); break;
+      case 2: scan_block<2, 4>(qs, mem, words, i, r0, r1, fn, limit); break;
+      default: scan_block<1, 4>(qs, mem, words, i, r0, r1, fn, limit); break;
     }
     i += nq;
   }
@@ -98,6 +188,28 @@ struct TopK {
   }
   inline void push(int32_t d, int64_t row) {
     if (d >= dist[k - 1]) return;
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    if (k <= 8) {
+      // Branch-free insert: the entries farther than d move up one slot and d takes the first
+      // of their places. The scalar shift below stops at a data-dependent position, a branch
+      // the CPU mispredicts about once per insert, and early in a scan (or over a small
+      // memory) most rows insert.
+      const __mmask8 live = static_cast<__mmask8>((1u << k) - 1u);
+      const __m256i dv = _mm256_maskz_loadu_epi32(live, dist);
+      const __m512i iv = _mm512_maskz_loadu_epi64(live, idx);
+      const __mmask8 after = _mm256_mask_cmpgt_epi32_mask(live, dv, _mm256_set1_epi32(d));
+      const __mmask8 at = after & static_cast<__mmask8>(~(after << 1));
+      __m256i nd = _mm256_mask_blend_epi32(
+          after, dv, _mm256_permutexvar_epi32(_mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6), dv));
+      __m512i ni = _mm512_mask_blend_epi64(
+          after, iv, _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 1, 2, 3, 4, 5, 6), iv));
+      nd = _mm256_mask_set1_epi32(nd, at, d);
+      ni = _mm512_mask_set1_epi64(ni, at, row);
+      _mm256_mask_storeu_epi32(dist, live, nd);
+      _mm512_mask_storeu_epi64(idx, live, ni);
+      return;
+    }
+#endif
     int64_t pos = k - 1;
     while (pos > 0 && dist[pos - 1] > d) {
       dist[pos] = dist[pos - 1];
@@ -201,10 +313,13 @@ static void segmented_topk_raw(const uint64_t* q, const uint64_t* mem, const int
       if (r0 >= r1) continue;
       for (int64_t s = segment_of(off, n_seg, r0); s < n_seg && off[s] < r1; ++s) {
         const int64_t lo = std::max(off[s], r0), hi = std::min(off[s + 1], r1);
-        scan_rows(q, mem, words, q0, q1, lo, hi, [&](int64_t i, int64_t r, int32_t d) {
-          const int64_t slot = (i * n_seg + s) * k;
-          TopK{cd + slot, ci + slot, k}.push(d, r);
-        });
+        scan_rows(
+            q, mem, words, q0, q1, lo, hi,
+            [&](int64_t i, int64_t r, int32_t d) {
+              const int64_t slot = (i * n_seg + s) * k;
+              TopK{cd + slot, ci + slot, k}.push(d, r);
+            },
+            [&](int64_t i) -> const int32_t* { return cd + (i * n_seg + s) * k + (k - 1); });
       }
     }
   });
@@ -235,6 +350,37 @@ void segmented_topk_cpu(torch::Tensor query, torch::Tensor memory, torch::Tensor
                      offsets.data_ptr<int64_t>(), query.size(0), memory.size(0), query.size(1),
                      offsets.size(0) - 1, dist.size(2), dist.data_ptr<int32_t>(),
                      idx.data_ptr<int64_t>(), parallel_work);
+}
+
+// The public segmented top-k for CPU tensors in one native call: validation, output
+// allocation and the scan. At one frame against a small memory the scan takes about a
+// microsecond, and the Python-side checks and torch allocations it replaces cost ten, so
+// they live here. Any failed check raises ValueError; the Python caller then runs its own
+// checks, which name the mistake (kernels/_checks.py), so the messages here stay terse.
+std::tuple<torch::Tensor, torch::Tensor> segmented_topk_checked(torch::Tensor query, torch::Tensor memory,
+                                                                torch::Tensor offsets, int64_t k,
+                                                                int64_t parallel_work) {
+  TORCH_CHECK_VALUE(query.dim() == 2 && memory.dim() == 2 && offsets.dim() == 1, "rank");
+  TORCH_CHECK_VALUE(query.scalar_type() == at::kLong && memory.scalar_type() == at::kLong &&
+                        offsets.scalar_type() == at::kLong,
+                    "dtype");
+  TORCH_CHECK_VALUE(query.device().is_cpu() && memory.device().is_cpu() && offsets.device().is_cpu(),
+                    "device");
+  const int64_t b = query.size(0), words = query.size(1), m = memory.size(0);
+  const int64_t n_seg = offsets.size(0) - 1;
+  TORCH_CHECK_VALUE(b > 0 && words > 0 && memory.size(1) == words && n_seg >= 1 && k >= 1, "shape");
+  if (!query.is_contiguous()) query = query.contiguous();
+  if (!memory.is_contiguous()) memory = memory.contiguous();
+  if (!offsets.is_contiguous()) offsets = offsets.contiguous();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(off[0] == 0 && off[n_seg] == m, "offsets bounds");
+  for (int64_t s = 0; s < n_seg; ++s) TORCH_CHECK_VALUE(off[s] <= off[s + 1], "offsets order");
+  auto dist = torch::empty({b, n_seg, k}, query.options().dtype(at::kInt));
+  auto idx = torch::empty({b, n_seg, k}, query.options());
+  segmented_topk_raw(reinterpret_cast<const uint64_t*>(query.data_ptr<int64_t>()),
+                     reinterpret_cast<const uint64_t*>(memory.data_ptr<int64_t>()), off, b, m, words,
+                     n_seg, k, dist.data_ptr<int32_t>(), idx.data_ptr<int64_t>(), parallel_work);
+  return {dist, idx};
 }
 
 template <typename scalar_t>
@@ -468,6 +614,7 @@ int64_t fused_bank_scores_cpu(torch::Tensor features, torch::Tensor layers, torc
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hamming", &hamming_cpu, "packed Hamming distances (B,M) int32");
   m.def("segmented_topk", &segmented_topk_cpu, "per-segment Hamming top-k");
+  m.def("segmented_topk_checked", &segmented_topk_checked, "validate, allocate, per-segment top-k");
   m.def("pack_bits", &pack_bits_cpu, "pack (N,D) float rows into (N,W) int64");
   m.def("hadamard_project_pack", &hadamard_project_pack_cpu, "structured sign projection, packed");
   m.def("fused_bank_scores", &fused_bank_scores_cpu, "normalise, project, top-k, k-NN score, calibrate");
