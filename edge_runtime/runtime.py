@@ -124,7 +124,12 @@ class Runtime:
         self.background = background
         self.events = EventLog(clock)
         self.commands = CommandQueue()
-        self.domains_set = DomainSet(make_bank(cfg, self.encoder.spec), make_registry(cfg))
+        # The HDC scan runs where the encoder does (CUDA/Triton kernels beside a GPU encoder);
+        # on a CPU the bank takes numpy straight to its C++ path.
+        device = self.encoder.device if self.encoder.device.type != "cpu" else None
+        self.domains_set = DomainSet(
+            make_bank(cfg, self.encoder.spec, device=device), make_registry(cfg)
+        )
         self.pipeline = ServingPipeline(self.encoder, self.domains_set)
         self.labels = LabelProtocol(cfg.adapt.label_budget, self.encoder.spec.dim)
         self.monitor = make_monitor(cfg)
@@ -406,8 +411,11 @@ class Runtime:
 # ------------------------------------------------------------------------------------ builders
 
 
-def make_bank(config: RuntimeConfig, spec: FeatureSpec) -> DomainMemoryBank:
-    """An empty HDC memory bank sized by ``config.hdc`` for the encoder's layers."""
+def make_bank(
+    config: RuntimeConfig, spec: FeatureSpec, *, device: str | torch.device | None = None
+) -> DomainMemoryBank:
+    """An empty HDC memory bank sized by ``config.hdc`` for the encoder's layers, scoring on
+    ``device`` (None: where the features are)."""
     h = config.hdc
     return DomainMemoryBank(
         dim=h.dim,
@@ -419,6 +427,7 @@ def make_bank(config: RuntimeConfig, spec: FeatureSpec) -> DomainMemoryBank:
         projection=h.projection,
         seed=h.seed,
         rerank=h.rerank,
+        device=device,
     )
 
 

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from edge_runtime.adapt.adaptor import AdaptorArch
 from edge_runtime.adapt.domains import DomainSet
@@ -347,3 +348,26 @@ def test_checkpoint_keeps_the_monitor_window_and_refuses_other_plug_points(
 
     with pytest.raises(CheckpointError, match="search 'fixed'"):
         Runtime.load(path, encoder, background=False, search=OtherSearch())
+
+
+def test_the_bank_scores_on_the_encoders_device(encoder) -> None:
+    """The bank used to be built for the CPU whatever the encoder ran on, so a GPU device never
+    reached the CUDA or Triton kernels. Now it is built for the encoder's device: on this
+    machine a CUDA encoder is refused by name, as the bank cannot score there."""
+    from edge_runtime.encoder import Encoder
+    from edge_runtime.errors import BackendUnavailableError
+
+    class OnCuda:
+        device = "cuda"
+        spec = encoder.spec
+        name = "claims-cuda"
+
+        def encode(self, batch):
+            return encoder.backend.encode(batch)
+
+    assert Runtime(CFG, encoder).bank.device is None  # CPU: numpy straight to the C++ path
+    if torch.cuda.is_available():
+        assert Runtime(CFG, Encoder(OnCuda())).bank.device.type == "cuda"
+    else:
+        with pytest.raises(BackendUnavailableError, match="cuda"):
+            Runtime(CFG, Encoder(OnCuda()))

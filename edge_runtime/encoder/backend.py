@@ -178,6 +178,11 @@ class Encoder:
     def spec(self) -> FeatureSpec:
         return self.backend.spec
 
+    @property
+    def device(self) -> torch.device:
+        """Where the backend computes; its features come back as numpy either way."""
+        return torch.device(str(getattr(self.backend, "device", "cpu")))
+
     def features(self, frames: np.ndarray, *, progress: bool | str = False) -> np.ndarray:
         """(N,H,W[,C]) frames → (N, spec.dim) float32 features."""
         if not isinstance(frames, (np.ndarray, torch.Tensor)):
