@@ -140,8 +140,7 @@ def test_run_and_demo_help_document_rate(capsys) -> None:
         assert exc.value.code == 0
         text = " ".join(capsys.readouterr().out.split())
         assert "--rate FPS" in text and "--max-frames N" in text
-        assert "as fast as it can" in text
-    assert "--rate 30" in text and "tens of frames" in text and "adaptation_delay_frames" in text
+        assert "as fast as" in text and "adaptation_delay_frames" in text
 
 
 def test_run_rejects_bad_rate_and_max_frames(mini, tmp_path, capsys) -> None:

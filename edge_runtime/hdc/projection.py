@@ -2,9 +2,9 @@
 
 HDFF-style: the pooled outputs of several encoder layers are each L2-normalised
 (so no layer dominates by scale), weighted, concatenated, optionally centred on
-the training mean, and projected by a seeded Gaussian random matrix. Projecting
-the weighted concatenation equals bundling (summing) per-layer projections, the
-HDFF recipe, in one matrix product.
+the training mean (:mod:`edge_runtime.hdc.normalise`), and projected by a seeded
+Gaussian random matrix. Projecting the weighted concatenation equals bundling
+(summing) per-layer projections, the HDFF recipe, in one matrix product.
 
 Two views of the same projection:
 - float (MAP, a ``torchhd.MAPTensor``): for prototypes and cosine similarity;
@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,31 +33,22 @@ import torchhd
 
 from edge_runtime import kernels
 from edge_runtime.errors import CheckpointError, InputError
+from edge_runtime.hdc.devices import DeviceCopies
+from edge_runtime.hdc.normalise import LayerNormaliser
 from edge_runtime.kernels.hadamard import hadamard_project
 
 # Queries are projected in chunks so the (chunk, D) intermediate stays small.
 _CHUNK = 1024
-_EPS32 = np.float32(1e-12)  # F.normalize's eps, as its clamp_min applies it to float32
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """What the encoder's settings imply for one input width, computed once per setting.
+class FusedPlan(NamedTuple):
+    """What :func:`kernels.fused_bank_scores` takes from the encoder to normalise and project
+    in native code: the kept layers as (L,2) int64 column ranges and (L,) float32 weights,
+    and the Hadamard diagonals."""
 
-    ``layers``: kept (start, stop, weight) column ranges; ``width``: projected width;
-    ``exact``: every weight is a float32 value (then numpy's float32 multiply gives the same
-    bits as torch's, whichever precision torch keeps the scalar in); ``signs``: the Hadamard
-    diagonals (None for the Gaussian projection).
-    """
-
-    key: tuple
-    layers: tuple[tuple[int, int, float], ...]
-    width: int
-    exact: bool
-    signs: torch.Tensor | None
-    # the layers as tensors for kernels.fused_bank_scores: (L,2) int64 ranges, (L,) float32
     bounds: torch.Tensor
     weights: torch.Tensor
+    signs: torch.Tensor
 
 
 def check_features(
@@ -140,10 +132,16 @@ class HypervectorEncoder:
     mean: torch.Tensor | None = field(default=None, repr=False)
     in_features: int | None = None
     _weight: torch.Tensor | None = field(default=None, repr=False, compare=False)
-    _plan_cache: _Plan | None = field(default=None, repr=False, compare=False)
-    # (what, device) -> (the CPU tensor it copies, the copy on that device)
-    _on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict, repr=False, compare=False
+    # ((width, dim, seed), the Hadamard diagonals they draw)
+    _signs_cache: tuple[tuple[int, int, int], torch.Tensor] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    # the projection state (matrix, Hadamard diagonals) where a batch is
+    _copies: DeviceCopies = field(
+        default_factory=DeviceCopies, init=False, repr=False, compare=False
+    )
+    _normaliser: LayerNormaliser = field(
+        default_factory=LayerNormaliser, init=False, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:
@@ -172,111 +170,13 @@ class HypervectorEncoder:
             raise InputError(f"early_weight must be >= 0, got {self.early_weight}")
 
     # ------------------------------------------------------------------ preprocessing
-    def _layers(self, width: int) -> list[tuple[slice, float]]:
-        dims = self.layer_dims if self.layer_dims is not None else (width,)
-        if sum(dims) != width:
-            raise InputError(
-                f"features have width {width}, but layer_dims {dims} sum to {sum(dims)}"
-            )
-        weights = self.layer_weights
-        if weights is None:
-            weights = (*(self.early_weight for _ in dims[:-1]), 1.0)
-        out, start = [], 0
-        for d, w in zip(dims, weights, strict=True):
-            if w > 0:
-                out.append((slice(start, start + d), w))
-            start += d
-        return out
-
-    def _plan(self, width: int) -> _Plan:
-        """The cached :class:`_Plan` for ``width``; rebuilt when any setting it rests on changes
-        (the dataclass fields stay assignable)."""
-        key = (
-            width,
-            self.layer_dims,
-            self.layer_weights,
-            self.early_weight,
-            self.dim,
-            self.seed,
-            self.projection,
-        )
-        plan = self._plan_cache
-        if plan is None or plan.key != key:
-            layers = tuple((sl.start, sl.stop, w) for sl, w in self._layers(width))
-            kept = sum(b - a for a, b, _ in layers)
-            signs = None
-            if self.projection == "hadamard":
-                signs = kernels.hadamard_signs(kept, self.dim, self.seed).contiguous()
-            exact = all(float(np.float32(w)) == w for _, _, w in layers)
-            bounds = torch.tensor([[a, b] for a, b, _ in layers], dtype=torch.int64)
-            weights = torch.tensor([w for _, _, w in layers], dtype=torch.float32)
-            plan = _Plan(key, layers, kept, exact, signs, bounds.reshape(-1, 2), weights)
-            self._plan_cache = plan
-        return plan
-
-    def _normalise_fast(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        """:meth:`normalise` for a checked float32 CPU batch, bit for bit, with fewer ops.
-
-        Each layer's norm is the very torch op ``F.normalize`` runs on the same view (its
-        reduction order is torch's own); the clamp, division, weighting and centring are
-        single IEEE float32 operations per element, so numpy gives the same bits, without
-        torch's per-op dispatch cost (this runs on every frame).
-        """
-        xn = x.numpy()
-        z = np.empty((x.shape[0], plan.width), dtype=np.float32)
-        o = 0
-        for a, b, w in plan.layers:
-            dst = z[:, o : o + b - a]
-            if self.layer_norm:
-                norm = x[:, a:b].norm(2, 1, keepdim=True).numpy()
-                np.divide(xn[:, a:b], np.maximum(norm, _EPS32), out=dst)
-                if w != 1.0:
-                    np.multiply(dst, np.float32(w), out=dst)
-            else:
-                np.multiply(xn[:, a:b], np.float32(w), out=dst)
-            o += b - a
-        if self.center and self.mean is not None:
-            np.subtract(z, self.mean.numpy(), out=z)
-        return torch.from_numpy(z)
-
     def normalise(self, features: torch.Tensor) -> torch.Tensor:
         """Per-layer L2 norm and weighting, then centring: the vector that gets projected."""
-        if (
-            features.dtype == torch.float32
-            and features.device.type == "cpu"
-            and features.ndim == 2
-            and not features.requires_grad
-            and features.is_contiguous()
-            and (self.mean is None or not self.center or self.mean.dtype == torch.float32)
-        ):
-            plan = self._plan(features.shape[1])
-            if plan.exact:
-                return self._normalise_fast(features, plan)
-        return self._normalise_reference(features)
-
-    def _on(self, what: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``t`` (projection state, kept on the CPU) on ``device``: copied once per value of
-        ``t``, not per frame."""
-        if t.device == device:
-            return t
-        hit = self._on_device.get((what, device))
-        if hit is None or hit[0] is not t:
-            hit = (t, t.to(device))
-            self._on_device[(what, device)] = hit
-        return hit[1]
+        return self._normaliser.normalise(self, features)
 
     def _normalise_reference(self, features: torch.Tensor) -> torch.Tensor:
-        """The plain torch formulation (any dtype/device); the fast path must equal it."""
-        parts = []
-        for sl, w in self._layers(features.shape[1]):
-            x = features[:, sl]
-            if self.layer_norm:
-                x = torch.nn.functional.normalize(x, dim=1, eps=1e-12)
-            parts.append(x * w)
-        z = torch.cat(parts, dim=1)
-        if self.center and self.mean is not None:
-            z = z - self._on("mean", self.mean, z.device)
-        return z
+        # tests/test_hdc_fastpath.py holds the fast path to this reference
+        return self._normaliser.reference(self, features)
 
     def fit(self, features: np.ndarray | torch.Tensor) -> HypervectorEncoder:
         """Fit the centring mean on training features (no-op for the projection itself)."""
@@ -293,7 +193,7 @@ class HypervectorEncoder:
         """(dim, projected width) Gaussian matrix, regenerated from the seed on first use."""
         if self.in_features is None:
             raise InputError("HypervectorEncoder is not fitted: call fit(features) first")
-        width = self._plan(self.in_features).width
+        width = self.normalised_width
         if self._weight is None or self._weight.shape != (self.dim, width):
             if self.projection == "hadamard":  # the structured matrix, made explicit on demand
                 eye = torch.eye(width, dtype=torch.float32)
@@ -309,16 +209,13 @@ class HypervectorEncoder:
         return hadamard_project(z, signs, self.dim) / float(signs.shape[2]) ** 0.5
 
     def _signs(self, width: int, device: torch.device | None = None) -> torch.Tensor:
-        """Hadamard diagonals for a projected width (on ``device``, default the CPU): cached
-        with the plan, not redrawn per call."""
-        signs = None
-        if self.in_features is not None:
-            plan = self._plan(self.in_features)
-            if plan.width == width and plan.signs is not None:
-                signs = plan.signs
-        if signs is None:
-            signs = kernels.hadamard_signs(width, self.dim, self.seed)
-        return signs if device is None else self._on("signs", signs, device)
+        """Hadamard diagonals for a projected width (on ``device``, default the CPU): drawn
+        once per width and setting, not per call."""
+        key = (width, self.dim, self.seed)
+        if self._signs_cache is None or self._signs_cache[0] != key:
+            self._signs_cache = (key, kernels.hadamard_signs(width, self.dim, self.seed))
+        signs = self._signs_cache[1]
+        return signs if device is None else self._copies.on("signs", signs, device)
 
     def _prepared(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
         if self.in_features is None:
@@ -330,16 +227,16 @@ class HypervectorEncoder:
         """Width of :meth:`normalise`'s output (the kept layers' columns)."""
         if self.in_features is None:
             raise InputError("HypervectorEncoder is not fitted: call fit(features) first")
-        return self._plan(self.in_features).width
+        return self._normaliser.plan(self, self.in_features).width
 
-    def fused_plan(self) -> _Plan | None:
+    def fused_plan(self) -> FusedPlan | None:
         """The plan for :func:`kernels.fused_bank_scores` (normalise + Hadamard projection in
         native code), or None when the settings need the general path: a Gaussian projection,
         centring, or a weight that is not a float32 value."""
         if self.in_features is None or self.projection != "hadamard" or self.center:
             return None
-        plan = self._plan(self.in_features)
-        return plan if plan.exact and plan.signs is not None else None
+        plan = self._normaliser.plan(self, self.in_features)
+        return FusedPlan(plan.bounds, plan.weights, self._signs(plan.width)) if plan.exact else None
 
     def encode_packed_checked(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`encode_packed` for a batch that already passed ``check_features(x, in_features)``
@@ -361,7 +258,7 @@ class HypervectorEncoder:
                 [self._hadamard_float(z[i : i + _CHUNK]) for i in range(0, len(z), _CHUNK)]
             )
             return out.as_subclass(torchhd.MAPTensor)
-        w = self._on("weight", self.weight, z.device)
+        w = self._copies.on("weight", self.weight, z.device)
         out = torch.cat([z[i : i + _CHUNK] @ w.T for i in range(0, len(z), _CHUNK)])
         return out.as_subclass(torchhd.MAPTensor)
 
@@ -390,7 +287,7 @@ class HypervectorEncoder:
                     for i in range(0, len(z), _CHUNK)
                 ]
             )
-        w = self._on("weight", self.weight, z.device)
+        w = self._copies.on("weight", self.weight, z.device)
         return torch.cat(
             [kernels.sign_project_pack(z[i : i + _CHUNK], w) for i in range(0, len(z), _CHUNK)]
         )
@@ -436,7 +333,7 @@ class HypervectorEncoder:
         if enc.center and enc.in_features is not None:
             if mean is None:
                 raise CheckpointError("checkpoint lacks the encoder's centring mean")
-            width = enc._plan(enc.in_features).width
+            width = enc.normalised_width
             if tuple(mean.shape) != (width,):
                 raise CheckpointError(
                     f"encoder mean has shape {tuple(mean.shape)}, expected ({width},)"
