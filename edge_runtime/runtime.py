@@ -190,10 +190,6 @@ class Runtime:
         return self.domains_set.active
 
     @property
-    def next_domain_id(self) -> int:
-        return self.domains_set.registry.next_id()
-
-    @property
     def labels_used(self) -> int:
         return self.labels.used
 
