@@ -47,7 +47,7 @@ class JitExtension:
                 from torch.utils import cpp_extension
 
                 name = self._name()
-                log.info("compiling %s (%s; once, then cached)", self.what, name)
+                log.info("loading %s (%s; built on first use, then cached)", self.what, name)
                 self._module = cpp_extension.load(
                     name=name, sources=[str(s) for s in self._sources], verbose=False, **self._build
                 )
