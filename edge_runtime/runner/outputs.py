@@ -14,29 +14,28 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.scoring import ServedFrames
 from edge_runtime.state.atomic import atomic_write, atomic_write_json
 
 
 @dataclass(frozen=True)
 class FrameOutputs:
-    """``frames.npz``: one entry per served frame (stream order), and the eval predictions."""
+    """``frames.npz``: the served frames' decisions (stream order), whether the runtime had
+    adapted to each frame's segment, and the eval predictions."""
 
-    prediction: np.ndarray  # int64, -1 if rejected
-    ood_score: np.ndarray  # float32, higher = more in-distribution
-    domain: np.ndarray  # int64, -1 if none
-    is_ood: np.ndarray  # bool
-    adapted: np.ndarray  # bool
-    rejected: np.ndarray  # bool
+    served: ServedFrames
+    adapted: np.ndarray  # bool, one per served frame
     eval_prediction: np.ndarray  # int64, one per eval frame
 
     def arrays(self) -> dict[str, np.ndarray]:
+        s = self.served
         return {
-            "prediction": np.asarray(self.prediction, np.int64),
-            "ood_score": np.asarray(self.ood_score, np.float32),
-            "domain": np.asarray(self.domain, np.int64),
-            "is_ood": np.asarray(self.is_ood, bool),
+            "prediction": np.asarray(s.prediction, np.int64),
+            "ood_score": np.asarray(s.ood_score, np.float32),
+            "domain": np.asarray(s.domain, np.int64),
+            "is_ood": np.asarray(s.is_ood, bool),
             "adapted": np.asarray(self.adapted, bool),
-            "rejected": np.asarray(self.rejected, bool),
+            "rejected": np.asarray(s.rejected, bool),
             "eval_prediction": np.asarray(self.eval_prediction, np.int64),
         }
 

@@ -239,12 +239,8 @@ def _run(
     metrics = strict_json(jsonable(metrics))
     served = outcome.served
     frames = FrameOutputs(
-        prediction=collector.prediction[:served],
-        ood_score=collector.ood_score[:served],
-        domain=collector.domain[:served],
-        is_ood=collector.is_ood[:served],
+        collector.served_frames(),
         adapted=adapted_mask(stream.segment, stream.segment_is_shift, events)[:served],
-        rejected=collector.rejected[:served],
         eval_prediction=eval_pred,
     )
     write_outputs(out, frames, metrics)
