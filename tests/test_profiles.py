@@ -247,6 +247,124 @@ def test_parse_nvpmodel_conf_without_default() -> None:
     assert parse_nvpmodel_conf("< POWER_MODEL ID=3 NAME=25W >\n") == ({3: "25W"}, None)
 
 
+def _meminfo(root: Path, mem_total_kb: int) -> None:
+    """/proc/meminfo as the kernel writes it (first lines)."""
+    (root / "proc").mkdir(parents=True, exist_ok=True)
+    (root / "proc/meminfo").write_text(
+        f"MemTotal:       {mem_total_kb:>9d} kB\n"
+        "MemFree:         5871232 kB\n"
+        "MemAvailable:    6398524 kB\n"
+        "Buffers:           23164 kB\n"
+        "Cached:           673060 kB\n"
+        "SwapCached:            0 kB\n"
+    )
+
+
+R36_3 = (
+    "# R36 (release), REVISION: 3.0, GCID: 36923193, BOARD: generic, EABI: aarch64, "
+    "DATE: Fri Jul 19 23:24:25 UTC 2024\n# KERNEL_VARIANT: oot\n"
+)
+
+
+def test_detect_orin_nx_8gb_by_part_number_with_a_scaled_budget(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        model="NVIDIA Jetson Orin NX Engine Reference Carrier Board",
+        compatible=["nvidia,p3768-0000+p3767-0001", "nvidia,p3767-0001", "nvidia,tegra234"],
+        release=R36_3,
+    )
+    _meminfo(root, 7620400)
+    d = detect_device(root)
+    assert d.profile == "jetson-orin-nx-16gb" and d.is_jetson
+    assert (d.part_number, d.module) == ("p3767-0001", "Orin NX 8GB")
+    assert d.l4t_release == "R36.3.0" and "p3767-0001" in d.reason
+    # Half of MemTotal (7441 MB), not the 16GB module's 8192 MB, which is all of its RAM.
+    assert d.memory_total_mb == 7441 and d.memory_budget_mb == 3712
+    assert "memory budget 3712 MB" in d.reason
+    cfg = d.apply(load_profile(d.profile))
+    assert cfg.device.memory_budget_mb == 3712 < d.memory_total_mb
+
+
+def test_detect_agx_orin_32gb_budget_from_meminfo_else_nominal_ram(tmp_path: Path) -> None:
+    compatible = ["nvidia,p3737-0000+p3701-0004", "nvidia,p3701-0004", "nvidia,tegra234"]
+    root = _tree(
+        tmp_path / "a",
+        model="NVIDIA Jetson AGX Orin Developer Kit",
+        compatible=compatible,
+        release=R36_3,
+    )
+    d = detect_device(root)
+    assert d.profile == "jetson-agx-orin-64gb" and d.module == "AGX Orin 32GB"
+    # No /proc/meminfo: the part number's nominal 32 GB, halved (not the 64GB's 32,768).
+    assert d.memory_total_mb == 32768 and d.memory_budget_mb == 16384
+    assert "nominal RAM" in d.reason
+    _meminfo(root, 31268864)  # 30536 MB, as tegrastats' RAM field shows on this module
+    d = detect_device(root)
+    assert d.memory_total_mb == 30536 and d.memory_budget_mb == 15232
+    assert "MemTotal 30536 MB" in d.reason
+
+
+def test_detect_orin_nano_4gb_gets_a_budget_under_its_ram(tmp_path: Path) -> None:
+    root = _tree(
+        tmp_path,
+        model="NVIDIA Jetson Orin Nano Developer Kit",
+        compatible=["nvidia,p3768-0000+p3767-0004", "nvidia,p3767-0004", "nvidia,tegra234"],
+        release=R36_3,
+    )
+    _meminfo(root, 3735532)  # 3648 MB
+    d = detect_device(root)
+    assert d.profile == "jetson-orin-nano-8gb" and d.module == "Orin Nano 4GB"
+    assert d.memory_budget_mb == 1344  # 37.5 % of 3648 MB, not the 8GB profile's 3072
+
+
+def test_detect_part_number_wins_over_the_model_string(tmp_path: Path) -> None:
+    # An Orin NX module in a carrier whose model string names another board.
+    root = _tree(
+        tmp_path,
+        model="NVIDIA Jetson Orin Nano Developer Kit",
+        compatible=["nvidia,p3768-0000+p3767-0000", "nvidia,p3767-0000", "nvidia,tegra234"],
+    )
+    d = detect_device(root)
+    assert d.profile == "jetson-orin-nx-16gb" and d.part_number == "p3767-0000"
+    assert d.memory_budget_mb == 8192  # nominal 16 GB, halved: the profile's own budget
+
+
+def test_detect_xavier_nx_by_its_nvpmodel_file_name(tmp_path: Path) -> None:
+    # L4T names Xavier NX's file nvpmodel_t194_p3668.conf, with no SKU after the part.
+    root = _tree(tmp_path, nvpmodel=("nvpmodel_t194_p3668.conf", XAVIER_NX_NVPMODEL))
+    _meminfo(root, 7950652)
+    d = detect_device(root)
+    assert d.profile == "jetson-xavier-nx" and d.part_number == "p3668"
+    assert d.default_power_mode == 2 and d.memory_budget_mb == 2880
+
+
+def test_detect_x86_keeps_the_profile_budget(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    _meminfo(root, 32768000)
+    d = detect_device(root)
+    assert d.profile == "x86-dev" and d.memory_budget_mb is None
+    cfg = load_profile("x86-dev")
+    assert d.apply(cfg) == cfg
+
+
+def test_memory_budget_fractions_never_take_all_ram() -> None:
+    from edge_runtime.config.detect import MEMORY_BUDGET_FRACTION, memory_budget_mb
+
+    assert set(MEMORY_BUDGET_FRACTION) == set(JETSONS)
+    assert all(0 < f <= 0.5 for f in MEMORY_BUDGET_FRACTION.values())
+    # The nominal module each profile is named for gets exactly the profile's budget.
+    for name, ram_mb in (
+        ("jetson-orin-nano-8gb", 8192),
+        ("jetson-orin-nx-16gb", 16384),
+        ("jetson-agx-orin-64gb", 65536),
+        ("jetson-xavier-nx", 8192),
+    ):
+        assert memory_budget_mb(name, ram_mb) == load_profile(name).device.memory_budget_mb
+        assert memory_budget_mb(name, ram_mb // 2) < ram_mb // 2
+    assert memory_budget_mb("x86-dev", 16384) is None
+    assert memory_budget_mb("jetson-orin-nano-8gb", None) is None
+
+
 # -- CLI ------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from edge_runtime.telemetry import (
     read_power_rails,
     read_thermal_zones,
 )
+from edge_runtime.telemetry.tegrastats import board_power_mw
 
 # Lines in the formats tegrastats prints on each platform.
 ORIN_NANO_JP6 = (
@@ -48,6 +49,23 @@ NANO_JP4 = (
     "CPU [24%@1224,15%@1224,13%@1224,10%@1224] EMC_FREQ 0% GR3D_FREQ 0% PLL@21C CPU@25C "
     "PMIC@100C GPU@23.5C AO@33.5C thermal@24.5C POM_5V_IN 2545/2547 POM_5V_GPU 0/0 "
     "POM_5V_CPU 549/529"
+)
+
+# AGX Orin on JetPack 6: no input rail, and two unconnected INA3221 channels ("NC").
+AGX_ORIN_JP6 = (
+    "11-14-2024 14:02:36 RAM 4329/62841MB (lfb 13134x4MB) SWAP 0/31421MB (cached 0MB) "
+    "CPU [0%@2201,0%@2201,1%@2201,0%@2201,0%@2201,0%@2201,0%@2201,0%@2201,0%@2201,0%@2201,"
+    "0%@2201,0%@2201] GR3D_FREQ 0% cpu@46.375C soc2@42.375C soc0@43.062C gpu@42.406C "
+    "tj@46.375C soc1@42.218C VDD_GPU_SOC 2786mW/2790mW VDD_CPU_CV 398mW/400mW "
+    "VIN_SYS_5V0 3628mW/3630mW NC 0mW/0mW VDDQ_VDD2_1V8AO 302mW/300mW NC 0mW/0mW"
+)
+# Orin NX 16GB on JetPack 5.1.
+ORIN_NX_JP5 = (
+    "02-21-2024 09:13:05 RAM 2466/15388MB (lfb 2997x4MB) SWAP 0/7694MB (cached 0MB) "
+    "CPU [1%@729,0%@729,0%@729,0%@729,0%@729,0%@729,0%@729,0%@729] EMC_FREQ 0%@3199 "
+    "GR3D_FREQ 0%@[0] VIC_FREQ 115 APE 200 CV0@-256C CPU@45.25C SOC2@42.156C SOC0@43.343C "
+    "CV1@-256C GPU@-256C tj@45.25C SOC1@42.531C CV2@-256C VDD_IN 5000mW/5000mW "
+    "VDD_CPU_GPU_CV 598mW/598mW VDD_SOC 1437mW/1437mW"
 )
 
 
@@ -109,6 +127,50 @@ def test_parse_older_pom_rails_and_iram() -> None:
     assert s.cpu_percent == pytest.approx((24 + 15 + 13 + 10) / 4)
 
 
+@pytest.mark.parametrize(
+    ("line", "now_mw", "avg_mw"),
+    [
+        (ORIN_NX_JP5, 5000.0, 5000.0),  # VDD_IN, with mW
+        (ORIN_NANO_JP6, 3913.0, 3922.0),  # VDD_IN, with mW
+        (XAVIER_NX_JP4, 3836.0, 3836.0),  # VDD_IN, older format without the unit
+        (NANO_JP4, 2545.0, 2547.0),  # POM_5V_IN (TX2 / Nano era)
+    ],
+    ids=["orin-nx-jp5", "orin-nano-jp6", "xavier-nx-jp4", "nano-jp4-pom"],
+)
+def test_board_power_is_the_input_rail_where_there_is_one(
+    line: str, now_mw: float, avg_mw: float
+) -> None:
+    s = parse_tegrastats_line(line)
+    assert s is not None
+    assert s.total_power_mw == now_mw and s.total_power_avg_mw == avg_mw
+
+
+def test_board_power_on_agx_orin_sums_all_rails_without_nc() -> None:
+    # No VDD_IN or POM_5V_IN: jetson-stats sums every rail; VIN_SYS_5V0 is only one of them.
+    s = parse_tegrastats_line(AGX_ORIN_JP6)
+    assert s is not None
+    assert "NC" not in s.power_mw and "NC" not in s.power_avg_mw
+    assert s.power_mw == {
+        "VDD_GPU_SOC": 2786.0,
+        "VDD_CPU_CV": 398.0,
+        "VIN_SYS_5V0": 3628.0,
+        "VDDQ_VDD2_1V8AO": 302.0,
+    }
+    assert s.total_power_mw == 2786.0 + 398.0 + 3628.0 + 302.0
+    assert s.total_power_avg_mw == 2790.0 + 400.0 + 3630.0 + 300.0
+    jp5 = parse_tegrastats_line(AGX_ORIN_JP5)
+    assert jp5 is not None and jp5.total_power_mw == 2798.0 + 400.0 + 3014.0 + 503.0
+
+
+def test_board_power_rules() -> None:
+    assert board_power_mw({}) is None
+    assert board_power_mw({"NC": 0.0}) is None
+    assert board_power_mw({"POM_5V_IN": 2000.0, "POM_5V_GPU": 300.0}) == 2000.0
+    # VDD_IN wins over POM_5V_IN; an NC channel never adds to a sum.
+    assert board_power_mw({"POM_5V_IN": 1.0, "VDD_IN": 2.0}) == 2.0
+    assert board_power_mw({"VDD_GPU_SOC": 10.0, "NC": 5.0, "VIN_SYS_5V0": 20.0}) == 30.0
+
+
 def test_non_tegrastats_lines_are_ignored() -> None:
     assert parse_tegrastats_line("") is None
     assert parse_tegrastats_line("tegrastats: command not permitted") is None
@@ -118,7 +180,9 @@ def test_total_power_from_input_rail() -> None:
     sample = TelemetrySample(0.0, 0.0, 0.0, 1.0, 1.0, 2.0, 50.0, 0.0, power_mw={"VDD_IN": 4500.0})
     assert sample.total_power_w == 4.5
     assert sample.to_dict()["total_power_w"] == 4.5
-    sample.power_mw = {"VDD_SOC": 1000.0}
+    sample.power_mw = {"VDD_SOC": 1000.0}  # no input rail: the rails are summed
+    assert sample.total_power_w == 1.0
+    sample.power_mw = {}
     assert sample.total_power_w is None
 
 
@@ -169,6 +233,31 @@ def test_sysfs_thermal_and_power(tmp_path: Path) -> None:
     power = read_power_rails(root)
     # hwmon rails (V*I) come after the iio ones and win for the same name.
     assert power == {"VDD_IN": 4500.0, "VDD_CPU_GPU_CV": 600.0}
+
+
+def test_sysfs_agx_orin_rails_drop_nc_and_sum(tmp_path: Path) -> None:
+    # AGX Orin (JetPack 5/6): two INA3221 monitors, no VDD_IN, two "NC" channels.
+    for addr, channels in (
+        ("1-0040", [("VDD_GPU_SOC", "5000", "560"), ("VDD_CPU_CV", "5000", "80")]),
+        ("1-0040", [("VIN_SYS_5V0", "5000", "724")]),
+        ("1-0041", [("NC", "0", "0"), ("VDDQ_VDD2_1V8AO", "5000", "60"), ("NC", "0", "0")]),
+    ):
+        hwmon = tmp_path / f"sys/bus/i2c/drivers/ina3221/{addr}/hwmon/hwmon{addr[-1]}"
+        hwmon.mkdir(parents=True, exist_ok=True)
+        start = len(list(hwmon.glob("in*_label"))) + 1
+        for n, (name, mv, ma) in enumerate(channels, start=start):
+            (hwmon / f"in{n}_label").write_text(name + "\n")
+            (hwmon / f"in{n}_input").write_text(mv + "\n")
+            (hwmon / f"curr{n}_input").write_text(ma + "\n")
+    sensors = SysfsSensors.discover(tmp_path)
+    power = sensors.power()
+    assert power == {
+        "VDD_GPU_SOC": 2800.0,
+        "VDD_CPU_CV": 400.0,
+        "VIN_SYS_5V0": 3620.0,
+        "VDDQ_VDD2_1V8AO": 300.0,
+    }
+    assert sensors.total_power() == 2800.0 + 400.0 + 3620.0 + 300.0
 
 
 def test_sysfs_reads_fresh_values_after_discovery(tmp_path: Path) -> None:
@@ -292,3 +381,17 @@ def test_sampler_from_config() -> None:
     cfg = RuntimeConfig().with_overrides({"telemetry.interval_s": 2, "telemetry.history": 10})
     sampler = TelemetrySampler.from_config(cfg.telemetry, root="/nonexistent")
     assert sampler.interval_s == 2.0 and sampler.sample().mem_total_mb > 0
+
+
+def test_sample_total_power_on_agx_orin_is_the_sum_of_its_rails() -> None:
+    """AGX Orin has no input rail: the sample's board power is every rail but NC, summed
+    (as jetson-stats does), not the one VIN_SYS_5V0 rail it used to report."""
+    import dataclasses
+
+    from edge_runtime.telemetry.sampler import PsutilReader
+
+    sample = PsutilReader().read()
+    rails = {"VDD_GPU_SOC": 3000.0, "VDD_CPU_CV": 1000.0, "VIN_SYS_5V0": 2500.0}
+    assert dataclasses.replace(sample, power_mw=rails).total_power_w == 6.5
+    with_input = {"VDD_IN": 5000.0, "VDD_SOC": 1.0}
+    assert dataclasses.replace(sample, power_mw=with_input).total_power_w == 5.0

@@ -68,12 +68,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     name = args.profile
+    detection = None
     if name is None:
         detection = detect_device()
         name = detection.profile
         print(f"# detected: {detection.reason}")
     path = resolve_profile_path(name)
     cfg = load_profile(path)
+    if detection is not None:  # the budget scaled to this module's memory
+        cfg = detection.apply(cfg)
     if args.overrides:
         cfg = cfg.with_overrides(parse_override_args(args.overrides))
     print(f"# profile: {name} ({path})")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edge_runtime.telemetry.tegrastats import board_power_mw
+
 
 @dataclass
 class TelemetrySample:
@@ -34,11 +36,10 @@ class TelemetrySample:
 
     @property
     def total_power_w(self) -> float | None:
-        """Board input power where a rail names it (VDD_IN, POM_5V_IN, VIN_SYS_5V0)."""
-        for rail in ("VDD_IN", "POM_5V_IN", "VIN_SYS_5V0", "VIN"):
-            if rail in self.power_mw:
-                return self.power_mw[rail] / 1000.0
-        return None
+        """Board input power: the input rail where there is one, else the sum of the rails
+        (AGX Orin has none); see :func:`edge_runtime.telemetry.tegrastats.board_power_mw`."""
+        mw = board_power_mw(self.power_mw)
+        return None if mw is None else mw / 1000.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (for heartbeats and events.jsonl)."""

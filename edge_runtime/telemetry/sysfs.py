@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_runtime.telemetry.tegrastats import NOT_CONNECTED_RAIL, board_power_mw
+
 # Kernel thermal drivers report a disabled/invalid zone with huge negative values.
 _MIN_VALID_C = -100.0
 
@@ -81,7 +83,7 @@ class SysfsSensors:
         return out
 
     def power(self) -> dict[str, float]:
-        """Rail name -> mW."""
+        """Rail name -> mW (unconnected ``NC`` channels are not listed)."""
         out: dict[str, float] = {}
         for rail in self.rails:
             if rail.power is not None:
@@ -94,6 +96,10 @@ class SysfsSensors:
                 out[rail.name] = value
         return out
 
+    def total_power(self) -> float | None:
+        """Board power in mW: the input rail, else the sum of all rails (jetson-stats' rule)."""
+        return board_power_mw(self.power())
+
 
 def _discover_rails(root: Path) -> list[_Rail]:
     rails: list[_Rail] = []
@@ -104,12 +110,19 @@ def _discover_rails(root: Path) -> list[_Rail]:
         if index is None:
             continue
         name = _read(power.parent / f"rail_name_{index.group(1)}") or f"rail{index.group(1)}"
+        if name == NOT_CONNECTED_RAIL:
+            continue
         rails.append(_Rail(name=name, power=power))
     # JetPack 5/6: hwmon interface of the ina3221 driver.
     for label in sorted(drivers.glob("ina3221*/*/hwmon/hwmon*/in*_label")):
         index = re.match(r"in(\d+)_label", label.name)
         name = _read(label)
-        if index is None or not name or name.lower().startswith("sum of"):
+        if (
+            index is None
+            or not name
+            or name == NOT_CONNECTED_RAIL
+            or name.lower().startswith("sum of")
+        ):
             continue
         n = index.group(1)
         volts, amps = label.parent / f"in{n}_input", label.parent / f"curr{n}_input"

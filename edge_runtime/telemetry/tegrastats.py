@@ -11,11 +11,15 @@ these are the shapes the parser handles (abridged):
 
   (older boards: ``POM_5V_IN 2545/2547`` rails, and ``EMC 1%@408 GR3D 3%@76``);
 * JetPack 5 (AGX Orin): a date prefix, ``GR3D_FREQ 0%@[305,305]`` (one per GPC),
-  ``-256C`` for sensors that are switched off, rails ``VDD_GPU_SOC 1598mW/1598mW``;
+  ``-256C`` for sensors that are switched off, rails ``VDD_GPU_SOC 1598mW/1598mW``,
+  and unconnected INA3221 channels printed as ``NC 0mW/0mW`` (dropped);
 * JetPack 6 (Orin Nano): ``GR3D_FREQ 1%`` without a frequency, lowercase
   ``cpu@62.8C``, rails ``VDD_IN 3913mW/3922mW``.
 
 Rail values are "instant/average", in mW (with or without the unit).
+:func:`board_power_mw` turns the rails into the board's total the way jetson-stats does:
+the input rail (``VDD_IN``, or ``POM_5V_IN`` on older boards) where there is one, else the
+sum of every rail (AGX Orin and AGX Xavier have no input rail; ``VIN_SYS_5V0`` is one rail).
 :class:`TegrastatsProcess` runs tegrastats once, long-lived, with ``--interval``: one
 subprocess for the whole run, never one per sample.
 """
@@ -27,7 +31,7 @@ import re
 import shutil
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,10 @@ _TEMP = re.compile(r"\b([A-Za-z][\w]*)@(-?\d+(?:\.\d+)?)C\b")
 # so "RAM 3162/7620MB" and "IRAM 0/252kB" are not taken for rails.
 _RAIL = re.compile(r"\b([A-Za-z][\w]*) (\d+)(?:mW)?/(\d+)(?:mW)?(?![\w/])")
 _NOT_RAILS = frozenset({"RAM", "SWAP", "IRAM", "lfb"})
+# An INA3221 channel with nothing connected (AGX Orin prints two of them).
+NOT_CONNECTED_RAIL = "NC"
+# The rails that measure the whole board's input, preferred in this order.
+INPUT_RAILS = ("VDD_IN", "POM_5V_IN")
 # tegrastats reports a switched-off sensor (e.g. CV0, GPU when idle-gated) as -256C.
 _SENSOR_OFF_C = -256.0
 
@@ -66,10 +74,32 @@ class TegraStats:
     power_avg_mw: dict[str, float] = field(default_factory=dict)
 
     @property
+    def total_power_mw(self) -> float | None:
+        """Board power now (see :func:`board_power_mw`); None without rails."""
+        return board_power_mw(self.power_mw)
+
+    @property
+    def total_power_avg_mw(self) -> float | None:
+        return board_power_mw(self.power_avg_mw)
+
+    @property
     def cpu_percent(self) -> float | None:
         """Mean load over online cores."""
         loads = [load for load, _ in self.cpu if load is not None]
         return sum(loads) / len(loads) if loads else None
+
+
+def board_power_mw(rails: Mapping[str, float]) -> float | None:
+    """Total board power from rail readings (mW), as jetson-stats computes it.
+
+    The input rail (``VDD_IN``, else ``POM_5V_IN``) where one exists; otherwise the sum
+    of all rails except unconnected ``NC`` channels. None when there are no rails.
+    """
+    for name in INPUT_RAILS:
+        if name in rails:
+            return float(rails[name])
+    values = [float(v) for name, v in rails.items() if name != NOT_CONNECTED_RAIL]
+    return sum(values) if values else None
 
 
 def _gpu_freq(text: str | None) -> float | None:
@@ -108,7 +138,7 @@ def parse_tegrastats_line(line: str) -> TegraStats | None:
         if celsius > _SENSOR_OFF_C:
             stats.temperatures_c[name] = celsius
     for name, now, avg in _RAIL.findall(line):
-        if name not in _NOT_RAILS:
+        if name not in _NOT_RAILS and name != NOT_CONNECTED_RAIL:
             stats.power_mw[name] = float(now)
             stats.power_avg_mw[name] = float(avg)
     return stats
