@@ -169,3 +169,93 @@ def test_cli_export_without_config_is_the_default_runtime_encoder(tmp_path: Path
     assert main(["-q", "export", "--out", str(out), "--input-size", "32", "--max-batch", "2"]) == 0
     manifest = json.loads((tmp_path / "enc.manifest.json").read_text())
     assert manifest["spec"]["layers"] == default.layers
+
+
+# ---------------------------------------------------------------- torch.onnx.export on older torch
+
+
+def _jetpack_torch_onnx_export(
+    model,
+    args,
+    f,
+    export_params=True,
+    verbose=False,
+    training=None,
+    input_names=None,
+    output_names=None,
+    operator_export_type=None,
+    opset_version=None,
+    do_constant_folding=True,
+    dynamic_axes=None,
+    keep_initializers_as_inputs=None,
+    custom_opsets=None,
+    export_modules_as_functions=False,
+):
+    """torch 2.1's torch.onnx.export signature (JetPack 6.0): no dynamo, external_data,
+    optimize."""
+
+
+def test_onnx_export_kwargs_drop_what_old_torch_lacks():
+    from edge_runtime.encoder.export import onnx_export_kwargs
+
+    script = onnx_export_kwargs(
+        _jetpack_torch_onnx_export,
+        dynamo=False,
+        input_names=["input"],
+        dynamic_axes={"input": {0: "batch"}},
+        do_constant_folding=True,
+        opset_version=17,
+    )
+    assert script == {
+        "input_names": ["input"],
+        "dynamic_axes": {"input": {0: "batch"}},
+        "do_constant_folding": True,
+        "opset_version": 17,
+    }
+    # the torch.export-based exporter does not exist there: the caller takes the TorchScript path
+    assert onnx_export_kwargs(_jetpack_torch_onnx_export, dynamo=True, optimize=True) is None
+    # today's torch takes everything
+    full = onnx_export_kwargs(torch.onnx.export, dynamo=True, external_data=False, optimize=True)
+    assert full == {"dynamo": True, "external_data": False, "optimize": True}
+    # a **kwargs wrapper is trusted with everything
+    assert onnx_export_kwargs(lambda *a, **k: None, dynamo=True) == {"dynamo": True}
+
+
+def test_onnx_export_runs_with_an_old_torch_signature(tmp_path: Path, small, monkeypatch):
+    """With torch.onnx.export standing in for torch 2.1's (no dynamo/external_data/optimize),
+    export_onnx goes straight to the TorchScript exporter and passes none of them."""
+    from edge_runtime.encoder import export as export_mod
+
+    module, spec = small
+    real = torch.onnx.export
+    calls: list[dict] = []
+
+    def old_export(
+        model,
+        args,
+        f,
+        export_params=True,
+        verbose=False,
+        input_names=None,
+        output_names=None,
+        opset_version=None,
+        do_constant_folding=True,
+        dynamic_axes=None,
+    ):
+        kwargs = dict(
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=opset_version,
+            do_constant_folding=do_constant_folding,
+            dynamic_axes=dynamic_axes,
+        )
+        calls.append(kwargs)
+        return real(model, args, f, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(export_mod.torch.onnx, "export", old_export)
+    path = export_mod.export_onnx(module, spec, tmp_path / "old.onnx", max_batch=8)
+    assert len(calls) == 1 and calls[0]["dynamic_axes"] == {
+        "input": {0: "batch"},
+        "features": {0: "batch"},
+    }
+    check_onnx(path, spec)

@@ -144,14 +144,13 @@ def _run_tensorrt(args: argparse.Namespace, s: dict[str, Any]) -> int:
 
     if tensorrt_status() is not None:
         raise BackendUnavailableError(missing_message())
-    import torch
 
     from edge_runtime.encoder.backend import FeatureSpec, build_feature_module
     from edge_runtime.encoder.export import resolve_out_path
     from edge_runtime.encoder.tensorrt_backend import (
+        EngineFacts,
         EngineKey,
         compile_engine,
-        tensorrt_version,
         trt_precision,
     )
 
@@ -164,8 +163,7 @@ def _run_tensorrt(args: argparse.Namespace, s: dict[str, Any]) -> int:
         spec,
         trt_precision(s["precision"]),
         (1, batch, max(batch, 32)),
-        torch.cuda.get_device_name(0),
-        tensorrt_version(),
+        facts=EngineFacts.detect("cuda:0"),
     )
     path = resolve_out_path(args.out, "tensorrt")
     compile_engine(module, spec, key, path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -19,7 +20,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -134,8 +135,6 @@ def example_input(spec: FeatureSpec, batch: int = 2) -> torch.Tensor:
 
 
 def _forward_arg_name(module: nn.Module) -> str:
-    import inspect
-
     params = list(inspect.signature(module.forward).parameters)
     return params[0] if params else "x"
 
@@ -182,43 +181,62 @@ def export_onnx(
     path = Path(path)
     m = export_copy(module)
     x = example_input(spec)
+    names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
+    dynamo_kwargs = onnx_export_kwargs(
+        torch.onnx.export,
+        dynamo=True,
+        external_data=False,
+        optimize=True,
+        verbose=False,
+        **names,
+    )
+    script_kwargs = onnx_export_kwargs(
+        torch.onnx.export,
+        dynamo=False,
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        do_constant_folding=True,
+        **names,
+    )
     with _atomic_target(path) as tmp:
         try:
+            if dynamo_kwargs is None:
+                raise CheckpointError("this torch's torch.onnx.export has no dynamo exporter")
             with _quiet(), torch.no_grad():
                 if program is None:
                     program = export_program(m, spec, max_batch)
-                torch.onnx.export(
-                    program,
-                    (x,),
-                    str(tmp),
-                    dynamo=True,
-                    external_data=False,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    opset_version=opset,
-                    optimize=True,
-                    verbose=False,
-                )
+                torch.onnx.export(program, (x,), str(tmp), **dynamo_kwargs)
         except Exception as exc:  # torch.export cannot trace some user modules
             log.warning(
                 "torch.export-based ONNX export failed (%s); using the TorchScript exporter",
                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
             )
+            if script_kwargs is None:  # unreachable: dynamo=False is dropped, never refused
+                raise
             with _quiet(), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(
-                    m,
-                    (x,),
-                    str(tmp),
-                    dynamo=False,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                    opset_version=opset,
-                    do_constant_folding=True,
-                )
+                torch.onnx.export(m, (x,), str(tmp), **script_kwargs)
         check_onnx(tmp, spec)
     return path
+
+
+def onnx_export_kwargs(export: Callable[..., Any], **wanted: Any) -> dict[str, Any] | None:
+    """The keywords of ``wanted`` that ``export`` (``torch.onnx.export``) accepts.
+
+    Older torch (JetPack 5/6's 2.0-2.4 wheels) has no ``dynamo``, ``external_data`` or
+    ``optimize``: those are dropped, since without them it writes one file and runs the
+    TorchScript exporter anyway. The one request it cannot meet is ``dynamo=True``: then
+    None, for the caller to take its TorchScript path. A signature that takes
+    ``**kwargs`` (or none that can be read) gets everything.
+    """
+    try:
+        params = inspect.signature(export).parameters
+    except (TypeError, ValueError):
+        return dict(wanted)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(wanted)
+    if wanted.get("dynamo") and "dynamo" not in params:
+        return None
+    return {k: v for k, v in wanted.items() if k in params}
 
 
 def check_onnx(path: str | Path, spec: FeatureSpec) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,54 @@ def cuda_provider_status() -> str | None:
     return None
 
 
+ProviderSpec = str | tuple[str, dict[str, Any]]
+
+
+def cuda_providers(
+    available: Collection[str],
+    *,
+    device_id: int = 0,
+    memory_budget_mb: int | None = None,
+    precision: str = "fp32",
+    trt_cache_dir: str | Path | None = None,
+) -> list[ProviderSpec]:
+    """ORT's execution providers and options for a GPU session on a shared-memory device.
+
+    - TensorRT EP first where this ORT build has it: fp16 when ``precision`` is fp16,
+      engines (and timing data) cached in ``trt_cache_dir`` so a restart skips the build.
+    - CUDA EP: ``cudnn_conv_algo_search=HEURISTIC`` (the default EXHAUSTIVE re-benchmarks
+      every new batch size), ``arena_extend_strategy=kSameAsRequested`` (no doubling of
+      the arena into memory the CPU side shares) and ``gpu_mem_limit`` from the profile's
+      ``device.memory_budget_mb``.
+    - CPU EP last, for any node the GPU providers do not take.
+    """
+    providers: list[ProviderSpec] = []
+    if "TensorrtExecutionProvider" in available:
+        trt: dict[str, Any] = {
+            "device_id": device_id,
+            "trt_fp16_enable": precision == "fp16",
+            "trt_engine_cache_enable": trt_cache_dir is not None,
+        }
+        if trt_cache_dir is not None:
+            trt["trt_engine_cache_path"] = str(Path(trt_cache_dir).expanduser())
+            trt["trt_timing_cache_enable"] = True
+            trt["trt_timing_cache_path"] = str(Path(trt_cache_dir).expanduser())
+        providers.append(("TensorrtExecutionProvider", trt))
+    cuda: dict[str, Any] = {
+        "device_id": device_id,
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "arena_extend_strategy": "kSameAsRequested",
+    }
+    if memory_budget_mb:
+        cuda["gpu_mem_limit"] = int(memory_budget_mb) * 2**20
+    providers.append(("CUDAExecutionProvider", cuda))
+    providers.append("CPUExecutionProvider")
+    return providers
+
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
 def cached_onnx(
     input_size: int = DEFAULT_INPUT_SIZE,
     layers: Sequence[int] = DEFAULT_LAYERS,
@@ -118,6 +166,9 @@ class OnnxRuntimeBackend:
         device: str = "cpu",
         threads: int | None = None,
         label: str | None = None,
+        memory_budget_mb: int | None = None,
+        precision: str = "fp32",
+        trt_cache_dir: str | Path | None = None,
     ):
         import onnxruntime as ort
 
@@ -140,10 +191,15 @@ class OnnxRuntimeBackend:
             if reason:
                 raise BackendUnavailableError(f"onnxruntime-cuda unavailable: {reason}")
             index = int(device.split(":")[1]) if ":" in device else 0
-            providers: list[Any] = [
-                ("CUDAExecutionProvider", {"device_id": index}),
-                "CPUExecutionProvider",
-            ]
+            providers: list[Any] = cuda_providers(
+                ort_providers(),
+                device_id=index,
+                memory_budget_mb=memory_budget_mb,
+                precision=precision,
+                trt_cache_dir=trt_cache_dir,
+            )
+            if trt_cache_dir is not None:
+                Path(trt_cache_dir).expanduser().mkdir(parents=True, exist_ok=True)
         else:
             providers = ["CPUExecutionProvider"]
         try:
@@ -151,10 +207,19 @@ class OnnxRuntimeBackend:
         except Exception as exc:
             raise CheckpointError(f"ONNX Runtime cannot load {self.model_path}: {exc}") from exc
         # ORT silently falls back to CPU when the CUDA provider fails to initialise.
-        if device.startswith("cuda") and self.session.get_providers()[0] != "CUDAExecutionProvider":
+        active = self.session.get_providers()
+        if device.startswith("cuda") and active[0] not in GPU_PROVIDERS:
             raise BackendUnavailableError(
                 "onnxruntime-cuda unavailable: the CUDA provider failed to start"
             )
+        # The precision the session really runs: fp16 only through the TensorRT EP.
+        self.precision = (
+            "fp16"
+            if precision == "fp16"
+            and device.startswith("cuda")
+            and active[0] == "TensorrtExecutionProvider"
+            else "fp32"
+        )
         self.device = "cuda" if device.startswith("cuda") else "cpu"
         self.name = label or f"onnxruntime-{self.device}"
         self._input = self.session.get_inputs()[0].name
@@ -163,7 +228,12 @@ class OnnxRuntimeBackend:
 
     @classmethod
     def from_file(
-        cls, model_path: str | Path, *, device: str = "cpu", threads: int | None = None
+        cls,
+        model_path: str | Path,
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+        **gpu: Any,
     ) -> OnnxRuntimeBackend:
         """Load an exported ``.onnx`` with the manifest written beside it."""
         manifest = read_manifest(model_path)
@@ -172,7 +242,12 @@ class OnnxRuntimeBackend:
         if precision != "fp32":
             label += f"-{precision}"
         return cls(
-            model_path, spec_from_manifest(manifest), device=device, threads=threads, label=label
+            model_path,
+            spec_from_manifest(manifest),
+            device=device,
+            threads=threads,
+            label=label,
+            **gpu,
         )
 
     @classmethod

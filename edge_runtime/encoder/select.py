@@ -28,7 +28,7 @@ import torch
 from edge_runtime.config.schema import EncoderConfig
 from edge_runtime.encoder.backend import EncoderBackend, TorchBackend
 from edge_runtime.encoder.export import relative_error
-from edge_runtime.errors import BackendUnavailableError, ConfigError, EdgeRuntimeError
+from edge_runtime.errors import BackendUnavailableError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,16 @@ class EncoderSettings:
     engine_cache_dir: Path = _DEFAULTS.engine_cache_dir
     onnx_cache_dir: Path | None = None
     device: str = "cuda:0"
+    # device.memory_budget_mb of the profile: ONNX Runtime's CUDA arena limit.
+    memory_budget_mb: int | None = None
     calibration: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def from_any(cls, config: Any = None, **overrides: Any) -> EncoderSettings:
         """From a RuntimeConfig, its ``encoder`` section, a mapping, or keywords alone."""
+        budget = None
         if config is not None and hasattr(config, "encoder") and not isinstance(config, Mapping):
+            budget = getattr(getattr(config, "device", None), "memory_budget_mb", None)
             config = config.encoder
         if config is None:
             values: dict[str, Any] = {}
@@ -94,6 +98,8 @@ class EncoderSettings:
             values = config.model_dump()
         else:
             raise ConfigError(f"encoder: expected a config section or mapping, got {type(config)}")
+        if budget is not None:
+            values.setdefault("memory_budget_mb", int(budget))
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
@@ -197,9 +203,17 @@ def build_candidate(name: str, s: EncoderSettings) -> tuple[EncoderBackend, str,
 
                 qpath = cached_quantized(path, "static", s.calibration)
                 return OnnxRuntimeBackend.from_file(qpath, threads=s.threads), "int8", notes
-        elif s.precision != "fp32":
-            notes.append(f"{name} runs {s.precision} as fp32")
-        return OnnxRuntimeBackend.from_file(path, device=device, threads=s.threads), "fp32", notes
+        gpu: dict[str, Any] = {}
+        if device != "cpu":
+            gpu = {
+                "memory_budget_mb": s.memory_budget_mb,
+                "precision": s.precision,
+                "trt_cache_dir": s.engine_cache_dir / "onnxruntime-trt",
+            }
+        ort_backend = OnnxRuntimeBackend.from_file(path, device=device, threads=s.threads, **gpu)
+        if s.precision not in ("fp32", ort_backend.precision) and not notes:
+            notes.append(f"{name} runs {s.precision} as {ort_backend.precision}")
+        return ort_backend, ort_backend.precision, notes
     device = s.device if name == "torch-cuda" else "cpu"
     if s.precision != "fp32":
         notes.append(f"{name} runs {s.precision} as fp32")
@@ -226,6 +240,15 @@ def parity_error(features: np.ndarray, reference: np.ndarray, precision: str) ->
     return relative_error(features, reference)
 
 
+# Every failure of one candidate (its build or its parity probe) is a reason to try the next.
+BUILD_ERRORS: tuple[type[BaseException], ...] = (Exception,)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else repr(exc)
+
+
 def select(
     config: Any = None,
     *,
@@ -248,22 +271,24 @@ def select(
         if reason is None:
             try:
                 backend, precision, notes = builder(name, s)
-            except (EdgeRuntimeError, ImportError, RuntimeError, OSError) as exc:
-                reason = f"failed to start ({str(exc).splitlines()[0] if str(exc) else exc!r})"
-            else:
                 if verify and name != "torch-cpu":
                     if reference is None:
                         ref_backend = TorchBackend.mobilenet(s.input_size, s.layers, s.weights)
                         reference = ref_backend.encode(probe)
                     err = parity_error(backend.encode(probe), reference, precision)
                     tol = parity_tolerance(name, precision)
-                    if err > tol:
+                    if not err <= tol:  # NaN features fail too
                         reason = (
                             f"features differ from torch by {err:.2e} relative "
                             f"(> {tol:g} for {precision})"
                         )
-                if reason is None:
-                    return Selection(backend, precision, skipped, notes)
+            except BUILD_ERRORS as exc:
+                # torch_tensorrt.load raises ValueError on a bad engine, ORT raises its own
+                # types: any failure to build or run one candidate moves down the chain.
+                log.warning("encoder backend %s failed: %s", name, _first_line(exc))
+                reason = f"failed to start ({_first_line(exc)})"
+            if reason is None:
+                return Selection(backend, precision, skipped, notes)
         skipped[name] = reason
     detail = "; ".join(f"{k}: {v}" for k, v in skipped.items())
     raise BackendUnavailableError(f"no encoder backend for '{s.backend}' can run here ({detail})")

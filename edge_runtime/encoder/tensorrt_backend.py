@@ -3,9 +3,13 @@
 torch.export (dynamic batch) → ``torch_tensorrt.dynamo.compile`` with the
 profile's precision and min/opt/max batch shapes → ``torch_tensorrt.save``.
 Compiled programs are cached on disk under a key made of everything that makes
-an engine invalid: GPU name, TensorRT version, precision, shapes and the
-encoder spec with its weights hash. Change any of them and the key, hence the
-file, changes, so a stale engine is never loaded.
+an engine invalid (:class:`EngineFacts`: GPU name, compute capability, SM count and
+memory size, the torch, torch-tensorrt and TensorRT versions; plus precision, shapes
+and the encoder spec with its weights hash). Change any of them and the key, hence
+the file, changes, so a stale engine is never loaded. A cached file that fails to
+load is deleted and rebuilt; a new engine is reloaded from disk and run at min, opt
+and max batch before it is renamed into place, so a restart always finds one that
+loads.
 
 torch-tensorrt is imported lazily: it exists only on NVIDIA machines (Jetson
 JetPack wheels, or x86 CUDA builds), never on the CPU build machines.
@@ -19,7 +23,7 @@ import importlib.util
 import inspect
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -88,6 +92,45 @@ def tensorrt_version() -> str:
     return "unknown"
 
 
+def _module_version(name: str) -> str:
+    try:
+        return str(importlib.import_module(name).__version__)
+    except Exception:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the machine contributes to an engine's validity.
+
+    ``get_device_name`` answers "Orin" on Orin Nano, NX and AGX alike, so the GPU is
+    also named by its compute capability and SM count, and the module by its memory
+    (rounded to GiB: Jetson's GPU memory is the module's RAM, less carve-outs).
+    """
+
+    device_name: str = "unknown"
+    tensorrt_version: str = "unknown"
+    torch_version: str = "unknown"
+    torch_tensorrt_version: str = "unknown"
+    compute_capability: str = "unknown"
+    sm_count: int = 0
+    memory_gib: int = 0
+
+    @classmethod
+    def detect(cls, device: str | torch.device = "cuda:0") -> EngineFacts:
+        """The facts of this machine's GPU ``device`` (needs CUDA)."""
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return cls(
+            device_name=str(props.name),
+            tensorrt_version=tensorrt_version(),
+            torch_version=str(torch.__version__),
+            torch_tensorrt_version=_module_version("torch_tensorrt"),
+            compute_capability=f"{props.major}.{props.minor}",
+            sm_count=int(props.multi_processor_count),
+            memory_gib=round(int(props.total_memory) / 2**30),
+        )
+
+
 @dataclass(frozen=True)
 class EngineKey:
     """Everything a compiled engine depends on; its digest names the cache file."""
@@ -99,6 +142,11 @@ class EngineKey:
     opt_batch: int
     max_batch: int
     spec: tuple[tuple[str, Any], ...]
+    torch_version: str = "unknown"
+    torch_tensorrt_version: str = "unknown"
+    compute_capability: str = "unknown"
+    sm_count: int = 0
+    memory_gib: int = 0
     revision: int = EXPORT_REVISION
 
     @classmethod
@@ -107,16 +155,37 @@ class EngineKey:
         spec: FeatureSpec,
         precision: str,
         batch_shapes: Sequence[int],
-        device_name: str,
-        tensorrt_version: str,
+        device_name: str | None = None,
+        tensorrt_version: str | None = None,
+        *,
+        facts: EngineFacts | None = None,
     ) -> EngineKey:
+        """The key: a pure function of the spec, precision, shapes and the machine's facts.
+        ``device_name``/``tensorrt_version`` alone (no ``facts``) leave the rest unknown."""
         lo, opt, hi = validate_batch_shapes(batch_shapes)
         if precision not in PRECISIONS:
             raise ConfigError(
                 f"encoder.precision: TensorRT engines are built as fp32 or fp16, got {precision!r}"
             )
+        if facts is None:
+            facts = EngineFacts(
+                device_name=device_name or "unknown", tensorrt_version=tensorrt_version or "unknown"
+            )
         items = tuple(sorted((k, _freeze(v)) for k, v in spec.to_dict().items()))
-        return cls(device_name, tensorrt_version, precision, lo, opt, hi, items)
+        return cls(
+            facts.device_name,
+            facts.tensorrt_version,
+            precision,
+            lo,
+            opt,
+            hi,
+            items,
+            torch_version=facts.torch_version,
+            torch_tensorrt_version=facts.torch_tensorrt_version,
+            compute_capability=facts.compute_capability,
+            sm_count=facts.sm_count,
+            memory_gib=facts.memory_gib,
+        )
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
@@ -151,6 +220,83 @@ def trt_precision(precision: str) -> str:
     return precision
 
 
+def _param_names(signature: inspect.Signature | Collection[str]) -> frozenset[str]:
+    if isinstance(signature, inspect.Signature):
+        return frozenset(signature.parameters)
+    return frozenset(signature)
+
+
+def precision_compile_kwargs(
+    signature: inspect.Signature | Collection[str], precision: str
+) -> tuple[dict[str, Any], str]:
+    """``dynamo.compile`` keywords for ``precision`` under this torch-tensorrt's signature,
+    and the precision the engine will really be built with (with how, for the log).
+
+    - ``enabled_precisions`` present: ask for it; where ``use_explicit_typing`` exists too
+      (2.10 made it default True, which ignores ``enabled_precisions``), turn it off.
+    - newer builds without ``enabled_precisions``: ``enable_autocast`` with
+      ``autocast_low_precision_type=float16`` (explicit typing on, as autocast needs).
+    - neither: an fp16 request builds fp32, and the returned precision says so.
+    """
+    params = _param_names(signature)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"encoder.precision: expected fp32 or fp16, got {precision!r}")
+    if precision == "fp32":
+        kwargs: dict[str, Any] = {}
+        if "enabled_precisions" in params:
+            kwargs["enabled_precisions"] = {torch.float32}
+        if "enable_autocast" in params:
+            kwargs["enable_autocast"] = False
+        return kwargs, "fp32"
+    if "enabled_precisions" in params:
+        kwargs = {"enabled_precisions": {torch.float16}}
+        if "use_explicit_typing" in params:
+            kwargs["use_explicit_typing"] = False
+        return kwargs, "fp16 (enabled_precisions)"
+    if "enable_autocast" in params:
+        kwargs = {"enable_autocast": True}
+        if "autocast_low_precision_type" in params:
+            kwargs["autocast_low_precision_type"] = torch.float16
+        if "use_explicit_typing" in params:
+            kwargs["use_explicit_typing"] = True
+        return kwargs, "fp16 (autocast)"
+    return {}, "fp32 (this torch-tensorrt offers no fp16 option)"
+
+
+def save_kwargs(
+    signature: inspect.Signature | Collection[str],
+    example: Sequence[torch.Tensor],
+    dynamic_shapes: Any,
+) -> dict[str, Any]:
+    """``torch_tensorrt.save`` keywords: the example inputs under the name this version
+    takes, ``retrace=False`` (2.10 re-traces by default, pinning the program to the
+    example's batch size) and the dynamic batch, where the version takes them."""
+    params = _param_names(signature)
+    input_kw = "arg_inputs" if "arg_inputs" in params else "inputs"
+    kwargs: dict[str, Any] = {input_kw: list(example)}
+    if "retrace" in params:
+        kwargs["retrace"] = False
+    if "dynamic_shapes" in params:
+        kwargs["dynamic_shapes"] = dynamic_shapes
+    return kwargs
+
+
+def check_engine(
+    module: Callable[[torch.Tensor], Any], key: EngineKey, spec: FeatureSpec, device: str
+) -> None:
+    """Run ``module`` at min, opt and max batch; InputError unless each gives finite
+    (N, dim) features."""
+    s = spec.input_size
+    for n in sorted({key.min_batch, key.opt_batch, key.max_batch}):
+        with torch.inference_mode():
+            out = module(torch.randn(n, 3, s, s, device=device))
+        if tuple(out.shape) != (n, spec.dim) or not bool(torch.isfinite(out).all()):
+            raise InputError(
+                f"TensorRT engine gives {tuple(out.shape)} (or non-finite) features at batch "
+                f"{n}; expected ({n}, {spec.dim})"
+            )
+
+
 def compile_engine(
     module: torch.nn.Module,
     spec: FeatureSpec,
@@ -158,12 +304,12 @@ def compile_engine(
     path: Path,
     device: str = "cuda:0",
 ) -> torch.nn.Module:
-    """Export, compile with torch_tensorrt.dynamo, save to ``path``; return the compiled module."""
+    """Export, compile with torch_tensorrt.dynamo, save, reload and check at min/opt/max;
+    only then rename it to ``path``. Returns the reloaded module."""
     tt = _torch_tensorrt()
     s = spec.input_size
     program = export_program(module, spec, max_batch=key.max_batch, device=device)
     example = torch.randn(key.opt_batch, 3, s, s, device=device)
-    dtype = PRECISIONS[key.precision]
     inputs = [
         tt.Input(
             min_shape=(key.min_batch, 3, s, s),
@@ -172,50 +318,84 @@ def compile_engine(
             dtype=torch.float32,
         )
     ]
-    compile_kwargs: dict[str, Any] = {"inputs": inputs, "enabled_precisions": {dtype}}
-    params = inspect.signature(tt.dynamo.compile).parameters
-    if "use_explicit_typing" in params and key.precision == "fp16":
-        # Newer torch-tensorrt ignores enabled_precisions unless explicit typing is off.
-        compile_kwargs["use_explicit_typing"] = False
+    precision_kwargs, built = precision_compile_kwargs(
+        inspect.signature(tt.dynamo.compile), key.precision
+    )
+    if not built.startswith(key.precision):
+        log.warning("TensorRT: %s was asked for; building %s", key.precision, built)
     log.info(
-        "building TensorRT %s engine for batch %d..%d (opt %d); this takes minutes",
-        key.precision,
+        "building TensorRT engine, precision %s, for batch %d..%d (opt %d); this takes minutes",
+        built,
         key.min_batch,
         key.max_batch,
         key.opt_batch,
     )
-    trt_gm = tt.dynamo.compile(program, **compile_kwargs)
-    save_params = inspect.signature(tt.save).parameters
-    input_kw = "arg_inputs" if "arg_inputs" in save_params else "inputs"
+    trt_gm = tt.dynamo.compile(program, inputs=inputs, **precision_kwargs)
+    batch = torch.export.Dim("batch", min=key.min_batch, max=key.max_batch)
+    kwargs = save_kwargs(inspect.signature(tt.save), [example], ({0: batch},))
     with _atomic_target(path) as tmp:
-        tt.save(trt_gm, str(tmp), **{input_kw: [example]})
+        tt.save(trt_gm, str(tmp), **kwargs)
+        reloaded = _load_program(tt, tmp)  # what a restart will load
+        check_engine(reloaded, key, spec, device)
     manifest = build_manifest(
         "tensorrt",
         path,
         spec,
         max_batch=key.max_batch,
         precision=key.precision,
-        extra={"engine_key": asdict(key)},
+        extra={"engine_key": asdict(key), "built_precision": built},
     )
     write_manifest(manifest, manifest_path_for(path))
-    return trt_gm
+    log.info("TensorRT engine built with precision %s, cached at %s", built, path)
+    return reloaded
 
 
-def load_engine(path: Path, key: EngineKey) -> torch.nn.Module | None:
-    """The cached compiled program at ``path`` if its recorded key matches, else None."""
+def _load_program(tt: ModuleType, path: Path) -> torch.nn.Module:
+    loader = getattr(tt, "load", None)
+    program = loader(str(path)) if loader else torch.export.load(str(path))
+    return program.module() if hasattr(program, "module") else program
+
+
+def discard_engine(path: Path, why: str) -> None:
+    """Delete a cached engine and its manifest, saying why."""
+    log.warning("deleting unusable TensorRT engine %s (%s); it will be rebuilt", path, why)
+    for p in (path, manifest_path_for(path)):
+        p.unlink(missing_ok=True)
+
+
+def load_engine(
+    path: Path,
+    key: EngineKey,
+    *,
+    loader: Callable[[Path], torch.nn.Module] | None = None,
+) -> torch.nn.Module | None:
+    """The cached compiled program at ``path`` if its recorded key matches, else None.
+
+    A file that matches but fails to load (``torch_tensorrt.load`` raises ValueError on
+    any failure) is deleted with its manifest, logged, and None returned: the caller
+    rebuilds. ``loader`` (default: torch_tensorrt.load) turns a path into a module."""
     mpath = manifest_path_for(path)
     if not (path.is_file() and mpath.is_file()):
         return None
     try:
         recorded = json.loads(mpath.read_text()).get("engine_key")
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, AttributeError):
         return None
     if recorded != json.loads(json.dumps(asdict(key))):
         return None
-    tt = _torch_tensorrt()
-    loader = getattr(tt, "load", None)
-    program = loader(str(path)) if loader else torch.export.load(str(path))
-    return program.module()
+    if loader is None:
+        tt = _torch_tensorrt()
+
+        def loader(p: Path) -> torch.nn.Module:
+            return _load_program(tt, p)
+
+    try:
+        return loader(path)
+    except Exception as exc:  # ValueError from torch_tensorrt.load, zip/pickle errors...
+        discard_engine(
+            path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        )
+        return None
 
 
 class TensorRTBackend:
@@ -270,15 +450,18 @@ class TensorRTBackend:
         _torch_tensorrt()
         dev = torch.device(device)
         key = EngineKey.make(
-            spec,
-            trt_precision(precision),
-            batch_shapes,
-            torch.cuda.get_device_name(dev),
-            tensorrt_version(),
+            spec, trt_precision(precision), batch_shapes, facts=EngineFacts.detect(dev)
         )
         path = key.path(cache_dir)
         compiled = load_engine(path, key)
+        if compiled is not None:
+            try:
+                check_engine(compiled, key, spec, str(dev))
+            except Exception as exc:  # loads, but does not run at every batch size
+                discard_engine(path, f"{type(exc).__name__}: {exc}")
+                compiled = None
         if compiled is None:
+            # A failure here propagates: select() falls back down the chain.
             compiled = compile_engine(module, spec, key, path, device=str(dev))
         else:
             log.info("using cached TensorRT engine %s", path)
