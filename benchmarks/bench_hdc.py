@@ -1,6 +1,7 @@
 """HDC hot path: our kernels side by side with torchhd and plain torch, in one run.
 
     python benchmarks/bench_hdc.py [--quick] [--out benchmarks/out] [--threads N] [--only faiss]
+    python benchmarks/bench_hdc.py --device cuda [--quick] [--out DIR]   # on a CUDA GPU
 
 Rows:
 - ``step``: the whole HDC step for a batch (1,280 features → D → best match per domain over
@@ -28,6 +29,14 @@ L2-normalised as edge_runtime.hdc does): Hamming-vs-angle error and correlation,
 the 10 nearest neighbours by Hamming with those by cosine, and 5-NN accuracy, for the dense
 Gaussian projection (what edge_runtime.hdc uses), a dense ±1 projection and the Hadamard one.
 Writes OUT/bench_hdc_quality.json.
+
+``--device cuda`` (a CUDA GPU and a CUDA build of torch; exit 2 without one) runs the
+similarity table on the GPU: our kernels through the public dispatch (``backend="auto"`` on
+CUDA tensors resolves to the CUDA C++ kernels, else Triton, else torch) against torch's float
+matmul cosine + per-domain max on the same GPU, ``torch.cuda.synchronize()`` inside every
+timed call, and whether our GPU distances equal our CPU ones. The FAISS table keeps
+``faiss-cpu`` as the peer, on CPU, labelled so, against ours on the GPU. The step and
+projection tables stay CPU-only. JSON goes to OUT/bench_hdc_cuda.json.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import functools
 import json
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -90,12 +100,26 @@ def timeit_pair(
     return statistics.median(ta), statistics.median(tb)
 
 
-def copy_bandwidth(nbytes: int) -> float:
+def copy_bandwidth(nbytes: int, device: str = "cpu") -> float:
     """Bytes/s of a large tensor copy (read + write), the machine's streaming roofline."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src), 0.5, max_runs=20)
+    t = timeit(synced(lambda: dst.copy_(src), device), 0.5, max_runs=20)
     return 2 * nbytes / t
+
+
+def synced(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """``fn`` as is on CPU; on CUDA, ``fn`` then ``torch.cuda.synchronize()``, so a timer
+    around the call measures the kernels, not just their launch."""
+    if device != "cuda":
+        return fn
+
+    def call() -> object:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return call
 
 
 def offsets_for(m: int, s: int) -> torch.Tensor:
@@ -211,11 +235,44 @@ def bench_similarity(
     return row
 
 
+def bench_similarity_cuda(batch: int, m: int, dim: int, budget: float) -> dict[str, Any]:
+    """Ours (public dispatch, CUDA tensors) vs torch float matmul cosine + per-domain max, both
+    on the GPU; ``same_as_cpu``: our GPU distances equal our CPU ones."""
+    gen = torch.Generator().manual_seed(batch * 1_000_003 + m * 101 + dim)
+    k = 5 if m >= 10_000 else 1
+    off = offsets_for(m, SEGMENTS)
+    q_cpu = K.pack_bits(torch.randn(batch, dim, generator=gen))
+    mem_cpu = K.pack_bits(torch.randn(m, dim, generator=gen))
+    q_pk, mem_pk, off_dev = q_cpu.cuda(), mem_cpu.cuda(), off.cuda()
+    q_f = torch.randn(batch, dim, generator=gen).cuda()
+    mem_f = torch.nn.functional.normalize(torch.randn(m, dim, generator=gen), dim=1).cuda()
+
+    def ours() -> object:
+        return K.segmented_hamming_topk(q_pk, mem_pk, off_dev, k)
+
+    def torch_float() -> object:  # segment bounds from the CPU offsets: no device sync
+        return segment_max(torch.nn.functional.normalize(q_f, dim=1) @ mem_f.T, off)
+
+    row: dict[str, Any] = {"k": k}
+    with torch.inference_mode():
+        d_gpu, _ = ours()
+        d_cpu, _ = K.segmented_hamming_topk(q_cpu, mem_cpu, off, k)
+        row["same_as_cpu"] = bool(torch.equal(d_gpu.cpu(), d_cpu))
+        row["ours_packed_topk"] = timeit(synced(ours, "cuda"), budget)
+        row["torch_float_cosine_max"] = timeit(synced(torch_float, "cuda"), budget)
+    words = K.words_for(dim)
+    row["ours_bytes_per_s"] = (m + batch) * words * 8 / row["ours_packed_topk"]
+    row["torch_float_bytes_per_s"] = (m + batch) * dim * 4 / row["torch_float_cosine_max"]
+    return row
+
+
 FAISS_K = 5
 
 
-def bench_faiss(batch: int, m: int, dim: int, budget: float) -> dict[str, Any]:
-    """Ours vs ``faiss.IndexBinaryFlat``: exact Hamming top-k of random codes, one segment."""
+def bench_faiss(batch: int, m: int, dim: int, budget: float, device: str = "cpu") -> dict[str, Any]:
+    """Ours vs ``faiss.IndexBinaryFlat``: exact Hamming top-k of random codes, one segment.
+
+    FAISS (faiss-cpu) always runs on the CPU; with ``device="cuda"`` ours runs on the GPU."""
     import faiss
 
     gen = torch.Generator().manual_seed(batch * 1_000_003 + m * 101 + dim)
@@ -228,9 +285,13 @@ def bench_faiss(batch: int, m: int, dim: int, budget: float) -> dict[str, Any]:
     index = faiss.IndexBinaryFlat(K.words_for(dim) * 64)
     index.add(mem.numpy().view(np.uint8))
     q_bytes = q.numpy().view(np.uint8)
+    if device == "cuda":
+        q, mem, off = q.cuda(), mem.cuda(), off.cuda()
 
-    def ours() -> tuple[torch.Tensor, torch.Tensor]:
+    def ours_call() -> tuple[torch.Tensor, torch.Tensor]:
         return K.segmented_hamming_topk(q, mem, off, k)
+
+    ours = synced(ours_call, device)
 
     def theirs() -> tuple[np.ndarray, np.ndarray]:
         return index.search(q_bytes, k)
@@ -240,6 +301,7 @@ def bench_faiss(batch: int, m: int, dim: int, budget: float) -> dict[str, Any]:
         d_faiss, i_faiss = theirs()
         big = batch * m * dim > 5e10  # a few seconds a call: one timed run each
         t_ours, t_faiss = timeit_pair(ours, theirs, budget, 1 if big else 200)
+    d_ours, i_ours = d_ours.cpu(), i_ours.cpu()
     return {
         "k": k,
         "ours_topk": t_ours,
@@ -316,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu",
+        help="where our kernels and torch's matmul run (cuda: similarity and FAISS tables)",
+    )  # fmt: skip
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument(
@@ -330,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these tables (repeatable; default all)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        why = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device"
+        print(f"bench_hdc: --device cuda needs a CUDA GPU, but torch.cuda.is_available() is "
+              f"False ({why}, torch {torch.__version__})", file=sys.stderr)  # fmt: skip
+        return 2
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -349,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     faiss_sizes = [80, 1000, 10_000] if args.quick else [10, 80, 1000, 10_000, 100_000]
     faiss_dims = [2048] if args.quick else [2048, 4096, 10_000]
     tables = set(args.only or ["step", "projection", "similarity", "faiss"])
+    if args.device == "cuda":
+        return _main_cuda(args, tables, budget, batches, sizes, dims, faiss_sizes, faiss_dims)
 
     K.segmented_hamming_topk(K.pack_bits(torch.randn(1, 64)), K.pack_bits(torch.randn(2, 64)),
                              torch.tensor([0, 2]), 1)  # fmt: skip  # build the C++ kernels first
@@ -392,6 +465,103 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {path}")
     return 0
+
+
+def _main_cuda(
+    args: argparse.Namespace,
+    tables: set[str],
+    budget: float,
+    batches: list[int],
+    sizes: list[int],
+    dims: list[int],
+    faiss_sizes: list[int],
+    faiss_dims: list[int],
+) -> int:
+    """The ``--device cuda`` run: similarity (and FAISS on CPU) with ours on the GPU."""
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    # build the CPU kernels (the parity reference) and warm the CUDA context and kernels
+    K.segmented_hamming_topk(K.pack_bits(torch.randn(1, 64)), K.pack_bits(torch.randn(2, 64)),
+                             torch.tensor([0, 2]), 1)  # fmt: skip
+    K.segmented_hamming_topk(K.pack_bits(torch.randn(1, 64)).cuda(),
+                             K.pack_bits(torch.randn(2, 64)).cuda(),
+                             torch.tensor([0, 2]).cuda(), 1)  # fmt: skip
+    torch.cuda.synchronize()
+    bw = copy_bandwidth(256 << 20 if args.quick else 1 << 30, "cuda")
+    backend = K.resolve_backend("auto", dev)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    print(f"device={props.name} (sm_{props.major}{props.minor}, "
+          f"{props.total_memory / 2**30:.1f} GiB) backend={backend} "
+          f"copy bandwidth={bw / 1e9:.1f} GB/s")  # fmt: skip
+    result: dict[str, Any] = {
+        "machine": {
+            "device": "cuda",
+            "gpu": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "gpu_memory_bytes": props.total_memory,
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "triton": triton_version,
+            "copy_bandwidth_bytes_per_s": bw,
+            "backend": backend,
+            "load_average_at_start": list(psutil.getloadavg()),
+        },
+        "similarity": [],
+        "faiss": [],
+    }
+    for name in sorted(tables & {"step", "projection"}):
+        print(f"\n== {name}: CPU only (run without --device cuda); skipped ==")
+    if "similarity" in tables:
+        _similarity_table_cuda(result, batches, sizes, dims, budget, bw)
+    if "faiss" in tables:
+        _faiss_table(result, batches, faiss_sizes, faiss_dims, budget, "cuda")
+    result["machine"]["load_average_at_end"] = list(psutil.getloadavg())
+    checks = _acceptance(result)
+    result["acceptance"] = checks
+    print("\n== acceptance ==")
+    for name, c in checks.items():
+        verdict = "n/a " if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
+        print(f"{verdict}  {name}: {c['value']}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "bench_hdc_cuda.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {path}")
+    return 0
+
+
+def _similarity_table_cuda(
+    result: dict[str, Any],
+    batches: list[int],
+    sizes: list[int],
+    dims: list[int],
+    budget: float,
+    bw: float,
+) -> None:
+    print(f"\n== similarity + best per domain (10 domains), on the GPU: ours "
+          f"({result['machine']['backend']}) vs torch float matmul cosine ==")  # fmt: skip
+    w = [5, 6, 6, 2, 9, 9, 10, 9, 6, 8]
+    head = ["batch", "M", "D", "k", "ours ms", "torch ms", "torch/ours", "ours GB/s", "%copy"]
+    show([*head, "same CPU"], w)
+    for dim in dims:
+        for m in sizes:
+            for batch in batches:
+                r = bench_similarity_cuda(batch, m, dim, budget)
+                result["similarity"].append({"batch": batch, "entries": m, "dim": dim, **r})
+                ours, tf, bps = (
+                    r["ours_packed_topk"],
+                    r["torch_float_cosine_max"],
+                    r["ours_bytes_per_s"],
+                )
+                cells = [ms(ours), ms(tf), ratio(tf, ours), f"{bps / 1e9:.2f}"]
+                cells += [f"{100 * bps / bw:.1f}%", "yes" if r["same_as_cpu"] else "NO"]
+                show([str(batch), str(m), str(dim), str(r["k"]), *cells], w)
 
 
 def _step_table(result: dict[str, Any], dims: list[int], budget: float, quick: bool) -> None:
@@ -452,7 +622,12 @@ def _similarity_table(
 
 
 def _faiss_table(
-    result: dict[str, Any], batches: list[int], sizes: list[int], dims: list[int], budget: float
+    result: dict[str, Any],
+    batches: list[int],
+    sizes: list[int],
+    dims: list[int],
+    budget: float,
+    device: str = "cpu",
 ) -> None:
     try:
         import faiss
@@ -463,14 +638,18 @@ def _faiss_table(
     threads = torch.get_num_threads()
     faiss.omp_set_num_threads(threads)  # the same threads as ours
     result["faiss_version"] = faiss.__version__
-    print(f"\n== exact Hamming top-{FAISS_K}: ours vs faiss.IndexBinaryFlat {faiss.__version__}, "
-          f"{threads} threads each, random codes, one segment ==")  # fmt: skip
+    if device == "cuda":
+        who = f"ours on the GPU vs FAISS on CPU (faiss.IndexBinaryFlat {faiss.__version__}, "
+        who += f"{threads} threads)"
+    else:
+        who = f"ours vs faiss.IndexBinaryFlat {faiss.__version__}, {threads} threads each"
+    print(f"\n== exact Hamming top-{FAISS_K}: {who}, random codes, one segment ==")
     w = [5, 7, 6, 2, 10, 10, 11, 10]
     show(["batch", "codes", "D", "k", "ours ms", "FAISS ms", "FAISS/ours", "same dist"], w)
     for dim in dims:
         for m in sizes:
             for batch in batches:
-                r = bench_faiss(batch, m, dim, budget)
+                r = bench_faiss(batch, m, dim, budget, device)
                 result["faiss"].append({"batch": batch, "entries": m, "dim": dim, **r})
                 same = "yes" if r["identical_distances"] else "NO"
                 cells = [f"{r['ours_topk'] * 1e3:.4f}", f"{r['faiss_index_binary_flat'] * 1e3:.4f}"]
@@ -484,7 +663,9 @@ def _acceptance(result: dict) -> dict[str, dict]:
         rows = result["faiss"]
         worst = min(rows, key=lambda r: r["faiss_over_ours"])
         where = f"batch {worst['batch']}, {worst['entries']} codes, D={worst['dim']}"
-        out["ours >= FAISS IndexBinaryFlat at every size"] = {
+        gpu = result["machine"].get("device") == "cuda"
+        name = "ours (GPU) >= FAISS on CPU" if gpu else "ours >= FAISS IndexBinaryFlat"
+        out[f"{name} at every size"] = {
             "value": f"lowest FAISS/ours {worst['faiss_over_ours']:.2f}x ({where})",
             "pass": worst["faiss_over_ours"] >= 1.0,
         }
@@ -501,7 +682,12 @@ def _acceptance(result: dict) -> dict[str, dict]:
                 "pass": x >= 10,
             }
     for r in result["similarity"]:
-        if r["batch"] == 256 and r["entries"] == 1000 and r["dim"] == 10_000:
+        if (
+            r["batch"] == 256
+            and r["entries"] == 1000
+            and r["dim"] == 10_000
+            and "torchhd_map_cosine" in r
+        ):
             x = r["torchhd_map_cosine"] / r["ours_packed_topk"]
             out["256x1000 >= 5x torchhd MAP cosine"] = {"value": f"{x:.1f}x", "pass": x >= 5}
             bsc = r["torchhd_bsc_hamming"]
