@@ -373,6 +373,18 @@ def show(cells: list[str], widths: list[int]) -> None:
     print(" ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
 
 
+def _report_acceptance(result: dict[str, Any]) -> None:
+    """Close a run: the end load, then each acceptance line (PASS / FAIL / n/a), printed and
+    kept in the result."""
+    result["machine"]["load_average_at_end"] = list(psutil.getloadavg())
+    checks = _acceptance(result)
+    result["acceptance"] = checks
+    print("\n== acceptance ==")
+    for name, c in checks.items():
+        verdict = "n/a " if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
+        print(f"{verdict}  {name}: {c['value']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small smoke run")
@@ -450,14 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         _similarity_table(result, batches, sizes, dims, budget, bsc_max, bw)
     if "faiss" in tables:
         _faiss_table(result, batches, faiss_sizes, faiss_dims, budget)
-    result["machine"]["load_average_at_end"] = list(psutil.getloadavg())
-
-    checks = _acceptance(result)
-    result["acceptance"] = checks
-    print("\n== acceptance ==")
-    for name, c in checks.items():
-        verdict = "n/a " if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
-        print(f"{verdict}  {name}: {c['value']}")
+    _report_acceptance(result)
     print(f"load average at start {result['machine']['load_average_at_start']}, at end "
           f"{result['machine']['load_average_at_end']}")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
@@ -522,13 +527,7 @@ def _main_cuda(
         _similarity_table_cuda(result, batches, sizes, dims, budget, bw)
     if "faiss" in tables:
         _faiss_table(result, batches, faiss_sizes, faiss_dims, budget, "cuda")
-    result["machine"]["load_average_at_end"] = list(psutil.getloadavg())
-    checks = _acceptance(result)
-    result["acceptance"] = checks
-    print("\n== acceptance ==")
-    for name, c in checks.items():
-        verdict = "n/a " if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
-        print(f"{verdict}  {name}: {c['value']}")
+    _report_acceptance(result)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_hdc_cuda.json"
     path.write_text(json.dumps(result, indent=2))
