@@ -122,10 +122,6 @@ class EventLog:
         with self._lock:
             self._sinks = [s for s in self._sinks if s is not sink]
 
-    @property
-    def sinks(self) -> tuple[EventSink, ...]:
-        return tuple(self._sinks)
-
     def emit(self, etype: str, frame: int, **details: Any) -> Event:
         event: Event = {"type": etype, "frame": int(frame), "time": self.clock()}
         event.update(jsonable(details))

@@ -47,10 +47,8 @@ class ServingPipeline:
         slices = encoder.spec.slices()
         # Novel class vs domain shift is told from the earliest layer's pooled features when
         # the encoder has more than one layer (measured right for fog, noise, rotation and new
-        # classes); a one-layer encoder falls back to pixel statistics, computed only once the
-        # novelty classifier was fitted on them.
+        # classes); a one-layer encoder falls back to pixel statistics.
         self.descriptor_slice: slice | None = slices[0] if len(slices) > 1 else None
-        self.pixel_descriptors = False
 
     @property
     def feature_dim(self) -> int:
@@ -80,7 +78,8 @@ class ServingPipeline:
             raise InputError(f"features {x.shape} and labels {y.shape} do not match")
         return x, y
 
-    def serve(self, frames: Any) -> Served:
+    def serve(self, frames: Any, *, descriptors: bool = False) -> Served:
+        """One batch; ``descriptors``: also the novelty classifier's input (once it is fitted)."""
         frames = check_batch(frames, self.encoder.spec)
         n = len(frames)
         ok = finite_frames(frames)
@@ -97,9 +96,9 @@ class ServingPipeline:
             routed = self.domains.route(f)
             domain[ok], score[ok], active[ok] = routed.domain, routed.score, routed.active_score
             prediction[ok] = self.domains.predict(f, routed.domain)
-            if self.descriptor_slice is not None:
+            if descriptors and self.descriptor_slice is not None:
                 desc = feats[:, self.descriptor_slice]
-            elif self.pixel_descriptors and good.dtype == np.uint8:
+            elif descriptors and good.dtype == np.uint8:
                 desc = np.zeros((n, PIXEL_STATS_DIM), dtype=np.float32)
                 desc[ok] = pixel_statistics(good)
         return Served(feats, prediction, score, domain, active, ~ok, desc)

@@ -35,9 +35,7 @@ import torch
 
 from edge_runtime.adapt.controller import AdaptationController
 from edge_runtime.adapt.domains import BASE_DOMAIN, DomainSet
-from edge_runtime.adapt.executor import (
-    AdaptationExecutor,
-)
+from edge_runtime.adapt.executor import AdaptationExecutor
 from edge_runtime.adapt.init import Initializer, PrototypeInit
 from edge_runtime.adapt.planner import (
     KNOWN_DOMAIN,
@@ -164,10 +162,18 @@ class Runtime:
         self.command_handler = CommandHandler(
             self.commands, self.controller, self.domains_set, self.events, self.report
         )
-        self.frames_seen = 0
         self._owner: int | None = None
 
     # -------------------------------------------------------------------------------- views
+    @property
+    def frames_seen(self) -> int:
+        """The next stream index: one past the last frame served."""
+        return self.controller.position
+
+    @frames_seen.setter
+    def frames_seen(self, value: int) -> None:
+        self.controller.position = int(value)
+
     @property
     def feature_dim(self) -> int:
         return self.encoder.spec.dim
@@ -244,7 +250,6 @@ class Runtime:
         descriptors = self.pipeline.descriptors_of(features, images)
         if descriptors is not None:
             self.monitor.novelty = NoveltyClassifier().fit(descriptors)
-            self.pipeline.pixel_descriptors = self.pipeline.descriptor_slice is None
         return built.report
 
     # -------------------------------------------------------------------------------- serving
@@ -262,7 +267,7 @@ class Runtime:
             raise InputError(f"indices must have shape ({n},), got {indices.shape}")
         self._between_batches(int(indices[0]))
 
-        served = self.pipeline.serve(frames)
+        served = self.pipeline.serve(frames, descriptors=self.monitor.novelty is not None)
         is_ood = served.is_ood
         for j in np.flatnonzero(served.rejected):
             self.events.emit(
@@ -293,7 +298,6 @@ class Runtime:
             if claim is not None:
                 self.controller.on_claim(claim)
         self.frames_seen = max(self.frames_seen, int(indices[-1]) + 1)
-        self.controller.position = self.frames_seen
         return Decisions(
             indices=indices,
             prediction=served.prediction,
@@ -346,7 +350,7 @@ class Runtime:
         self.executor.close(timeout_s)
         self.events.close()
 
-    # -------------------------------------------------------------------------------- state
+    # -------------------------------------------------------------------------------- reports
     def report(self) -> dict[str, Any]:
         """A JSON-able summary: domains with adaptor versions, the active one, labels, jobs."""
         return {
@@ -368,7 +372,7 @@ class Runtime:
             self.returns,
             self.labels,
             self.executor,
-            {"frames_seen": self.frames_seen, "adapting": int(self.controller.adapting)},
+            {"frames_seen": self.frames_seen},
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -396,11 +400,7 @@ class Runtime:
         rt = cls(config, encoder, background=background, **kwargs)
         parts = rt._parts()
         decode(state, parts, str(path))
-        rt.frames_seen = rt.controller.position = parts.counters["frames_seen"]
-        rt.controller.adapting = bool(parts.counters.get("adapting", 0))
-        rt.pipeline.pixel_descriptors = (
-            rt.monitor.novelty is not None and rt.pipeline.descriptor_slice is None
-        )
+        rt.frames_seen = parts.counters["frames_seen"]
         return rt
 
 

@@ -53,9 +53,6 @@ class DomainSet:
     def get(self, domain_id: int) -> Domain:
         return self.registry.get(domain_id)
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [d.describe() for d in self.registry]
-
     def route(self, features: np.ndarray) -> Routed:
         scores = np.asarray(self.bank.calibrated_scores(features), dtype=np.float32)
         ids = np.asarray(self.bank.domain_ids, dtype=np.int64)

@@ -242,16 +242,19 @@ class AdaptationExecutor:
         if self._worker is None:
             self._worker = AdaptationWorker(torch_threads=1, default_timeout_s=self.timeout_s)
         domain_id, train = self._queue.popleft()
-        steps = self.job_steps(len(train.labels))
-
-        def job(cancel: Any) -> HeadTrained:
-            t0 = time.perf_counter()
-            adaptor, report = self.train_head(train, domain_id, steps=steps, cancel=cancel)
-            report.update(domain=domain_id, seconds=time.perf_counter() - t0)
-            return HeadTrained(domain_id, adaptor, report)
-
         self._running = (domain_id, train)
-        self._worker.submit(job, name=f"train-domain-{domain_id}")
+        self._worker.submit(
+            lambda cancel: self._train_job(domain_id, train, cancel),
+            name=f"train-domain-{domain_id}",
+        )
+
+    def _train_job(self, domain_id: int, train: TrainSet, cancel: Any = None) -> HeadTrained:
+        """Phase two: the head trained with the job's bounded steps."""
+        t0 = time.perf_counter()
+        steps = self.job_steps(len(train.labels))
+        adaptor, report = self.train_head(train, domain_id, steps=steps, cancel=cancel)
+        report.update(domain=domain_id, seconds=time.perf_counter() - t0)
+        return HeadTrained(domain_id, adaptor, report)
 
     def _collect(self) -> None:
         if self._worker is None or self._running is None:
@@ -313,11 +316,7 @@ class AdaptationExecutor:
             self._start_next()
         else:  # synchronous mode trains at once
             while self._queue:
-                domain_id, train = self._queue.popleft()
-                adaptor, report = self.train_head(
-                    train, domain_id, steps=self.job_steps(len(train.labels))
-                )
-                self._ready.append(HeadTrained(domain_id, adaptor, report | {"domain": domain_id}))
+                self._ready.append(self._train_job(*self._queue.popleft()))
 
     def close(self, timeout_s: float | None = 30.0) -> None:
         self.cancel()
