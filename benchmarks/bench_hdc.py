@@ -383,6 +383,15 @@ def _report_acceptance(result: dict[str, Any]) -> None:
     for name, c in checks.items():
         verdict = "n/a " if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
         print(f"{verdict}  {name}: {c['value']}")
+    print(f"load average at start {result['machine']['load_average_at_start']}, at end "
+          f"{result['machine']['load_average_at_end']}")  # fmt: skip
+
+
+def _write_result(path: Path, result: dict[str, Any]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,13 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     if "faiss" in tables:
         _faiss_table(result, batches, faiss_sizes, faiss_dims, budget)
     _report_acceptance(result)
-    print(f"load average at start {result['machine']['load_average_at_start']}, at end "
-          f"{result['machine']['load_average_at_end']}")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "bench_hdc.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {path}")
-    return 0
+    return _write_result(args.out / "bench_hdc.json", result)
 
 
 def _main_cuda(
@@ -528,11 +531,7 @@ def _main_cuda(
     if "faiss" in tables:
         _faiss_table(result, batches, faiss_sizes, faiss_dims, budget, "cuda")
     _report_acceptance(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "bench_hdc_cuda.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {path}")
-    return 0
+    return _write_result(args.out / "bench_hdc_cuda.json", result)
 
 
 def _similarity_table_cuda(
