@@ -7,6 +7,7 @@ for building one. Copy arrays before modifying them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +40,44 @@ def fashion_slice() -> tuple[np.ndarray, np.ndarray]:
     """The first 256 Fashion-MNIST test images (uint8 (256,28,28)) and int64 labels."""
     x, y = load_fashion_mnist("test")
     return x[:256], y[:256]
+
+
+# ------------------------------------------------------------------------------ fleet services
+# The fleet tests use the real parts: a Mosquitto process per test (so one test can kill it) and
+# the PostgreSQL that .ci/run starts. Off CI a missing service skips; on CI it fails, so the
+# fleet tests can never pass by not running.
+PG_URL_ENV = "EDGE_RUNTIME_TEST_PG"
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required on CI (.ci/run starts it)")
+    pytest.skip(f"{what} is not available")
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path):
+    """A Mosquitto broker on a free loopback port, stopped after the test."""
+    from edge_runtime.fleet.broker import Broker, find_mosquitto
+
+    if find_mosquitto() is None:
+        _missing("mosquitto")
+    broker = Broker(kind="mosquitto", workdir=tmp_path / "broker").start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """A PostgreSQL URL (``$EDGE_RUNTIME_TEST_PG``) whose fleet tables are emptied first."""
+    url = os.environ.get(PG_URL_ENV)
+    if not url:
+        _missing(f"PostgreSQL (${PG_URL_ENV})")
+    try:
+        import psycopg
+
+        with psycopg.connect(url, connect_timeout=5, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA IF EXISTS public CASCADE; CREATE SCHEMA public")
+    except Exception as exc:  # noqa: BLE001 - any failure to reach it is "not available"
+        _missing(f"PostgreSQL at {url} ({exc})")
+    return str(url)

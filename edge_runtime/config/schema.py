@@ -52,7 +52,6 @@ NOT_IMPLEMENTED: dict[str, tuple[Any, str]] = {
     "hdc.packed": (True, "the HDC memory always keeps bit-packed exemplars"),
     "adapt.nas": (False, "adaptors come from a fixed architecture; no zero-shot NAS runs"),
     "adapt.meta_init": (False, "adaptors start from prototypes; no meta-learned init exists"),
-    "fleet.enabled": (False, "no fleet MQTT client reads the fleet section"),
     "telemetry.enabled": (False, "nothing starts a telemetry sampler"),
 }
 
@@ -197,9 +196,9 @@ _TOPIC_LEVEL = re.compile(r"^[^/+#\s]+$")
 
 
 class FleetConfig(_Section):
-    """MQTT link to the fleet controller (its fields wait for the client that reads them)."""
+    """MQTT link to the fleet controller (:mod:`edge_runtime.fleet.client`)."""
 
-    enabled: Annotated[bool, _only_implemented("fleet.enabled")] = False
+    enabled: bool = False
     device_id: str = "dev-0"
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(1883, ge=1, le=65535)
@@ -208,11 +207,24 @@ class FleetConfig(_Section):
     ca_file: OptionalPath = None
     cert_file: OptionalPath = None
     key_file: OptionalPath = None
-    # YAML/JSON file with ``username`` and ``password``; kept out of the profile itself.
+    # YAML/JSON file with ``username`` and ``password``; kept out of the profile itself. Without
+    # it, EDGE_RUNTIME_MQTT_USERNAME / EDGE_RUNTIME_MQTT_PASSWORD are read; never the CLI.
     credentials_file: OptionalPath = None
     qos: Literal[0, 1, 2] = 1
     heartbeat_s: float = Field(30.0, gt=0)
+    # Durable outbox (SQLite, WAL): ``<outbox_dir>/<device_id>.sqlite``.
     outbox_dir: ExpandedPath = Path("~/.cache/edge_runtime/outbox")
+    # Outbox bound: when full, the oldest alerts are dropped and an ``outbox_dropped`` alert says
+    # how many (a device offline for days keeps its newest history).
+    outbox_max_messages: int = Field(100_000, gt=0)
+    # Reconnect backoff: doubles from min to max, then retries at max forever.
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(60.0, gt=0)
+    # A command larger than this is refused unread (an adaptor bundle travels in one).
+    max_command_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    # Label requests: thumbnail side in pixels (PNG) and frames per request message.
+    thumbnail_px: int = Field(32, ge=8, le=256)
+    label_request_frames: int = Field(32, gt=0)
 
     @field_validator("device_id")
     @classmethod
