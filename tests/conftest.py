@@ -67,17 +67,65 @@ def mosquitto(tmp_path: Path):
     broker.stop()
 
 
-@pytest.fixture
-def pg_url() -> str:
-    """A PostgreSQL URL (``$EDGE_RUNTIME_TEST_PG``) whose fleet tables are emptied first."""
+def _initdb() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1] if found else None
+
+
+@pytest.fixture(scope="session")
+def _pg_server():
+    """``$EDGE_RUNTIME_TEST_PG``, else a private PostgreSQL cluster on a free loopback port
+    (Debian's server binaries; run as the ``postgres`` user when the tests run as root, since
+    PostgreSQL refuses to run as root). Stopped at the end of the session."""
     url = os.environ.get(PG_URL_ENV)
-    if not url:
-        _missing(f"PostgreSQL (${PG_URL_ENV})")
+    if url:
+        yield url
+        return
+    initdb = _initdb()
+    if initdb is None:
+        yield None
+        return
+    import shutil
+    import subprocess
+    import tempfile
+
+    from edge_runtime.fleet.broker import free_port, wait_for_port
+
+    # Not under pytest's tmp root: that is private to this user; the server runs as postgres.
+    root = Path(tempfile.mkdtemp(prefix="edge-pg-"))
+    data, port = root / "data", free_port()
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    pg_ctl = str(initdb.parent / "pg_ctl")
+    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [*as_user, str(initdb), "-A", "trust", "-U", "edge", "-D", str(data)],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-o", opts, "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    wait_for_port(port)
+    yield f"postgresql://edge@127.0.0.1:{port}/postgres"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(_pg_server: str | None) -> str:
+    """A PostgreSQL URL whose public schema is emptied first (see ``_pg_server``)."""
+    if not _pg_server:
+        _missing(f"PostgreSQL (${PG_URL_ENV} or Debian's postgresql package)")
     try:
         import psycopg
 
-        with psycopg.connect(url, connect_timeout=5, autocommit=True) as conn:
+        with psycopg.connect(_pg_server, connect_timeout=5, autocommit=True) as conn:
             conn.execute("DROP SCHEMA IF EXISTS public CASCADE; CREATE SCHEMA public")
-    except Exception as exc:  # noqa: BLE001 - any failure to reach it is "not available"
-        _missing(f"PostgreSQL at {url} ({exc})")
-    return str(url)
+    except Exception as exc:
+        _missing(f"PostgreSQL at {_pg_server} ({exc})")
+    return str(_pg_server)

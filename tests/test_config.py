@@ -172,7 +172,6 @@ ENABLED = {
     "hdc.packed": False,
     "adapt.nas": True,
     "adapt.meta_init": True,
-    "fleet.enabled": True,
     "telemetry.enabled": True,
 }
 

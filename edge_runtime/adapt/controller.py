@@ -9,7 +9,7 @@ event. It decides nothing itself: the planner decides, the executor builds.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,11 +24,22 @@ from edge_runtime.adapt.executor import (
 from edge_runtime.adapt.planner import EXTEND, KNOWN_DOMAIN, REFUSE, RETURN, AdaptationPlanner
 from edge_runtime.drift import DOMAIN_SHIFT, NOVEL_CLASS, DriftMonitor
 from edge_runtime.drift.returns import CONFIRMED, ReturnClaim, ReturnDetector
+from edge_runtime.drift.signature import DomainSignature
 from edge_runtime.errors import InputError
 from edge_runtime.events import EventLog
 from edge_runtime.labels import LabelProtocol, Shots, Trigger
 
+if TYPE_CHECKING:
+    from edge_runtime.adapt.bundle import DomainBundle
+
 log = logging.getLogger(__name__)
+
+#: An adopted bundle's memory must accept (calibrated score >= 0) at least this share of the
+#: recent OOD frames: the receiving device's own evidence that the domain is the one it sees.
+MIN_COVERAGE = 0.5
+# A shared domain is registered as "fleet" once the registry knows that origin; until then as
+# "drift" (it was grown from a drift, on another device), with its source in the metadata.
+FLEET_ORIGIN = "fleet"
 
 
 class AdaptationController:
@@ -41,6 +52,7 @@ class AdaptationController:
         planner: AdaptationPlanner,
         executor: AdaptationExecutor,
         events: EventLog,
+        signature: DomainSignature | None = None,
     ) -> None:
         self.domains = domains
         self.labels = labels
@@ -49,6 +61,8 @@ class AdaptationController:
         self.planner = planner
         self.executor = executor
         self.events = events
+        # the recent OOD frames: a flag's signature and an adopted bundle's coverage check
+        self.signature = signature if signature is not None else DomainSignature()
         self.adapting = False  # a grow/extend plan is built but not yet installed
         self.position = 0  # the next stream index (set by the runtime loop)
 
@@ -74,6 +88,9 @@ class AdaptationController:
     # -- flags ---------------------------------------------------------------------------------
     def on_flag(self, frame: int, kind: str, evidence: dict[str, Any]) -> None:
         etype = "novel_class" if kind == NOVEL_CLASS else "drift"
+        if "signature" not in evidence:
+            # what the fleet matches against the domains other devices learned
+            evidence = {**evidence, "signature": self.current_signature()}
         self.events.emit(etype, frame, kind=kind, evidence=evidence)
         self.events.emit("alert", frame, reason=etype, kind=kind, domains=len(self.domains))
         plan = self.planner.admit(kind, self.domains)
@@ -129,10 +146,106 @@ class AdaptationController:
 
     def _settle(self) -> None:
         """What is known changed, so the in-control OOD rate did too: warm up again (a few-shot
-        domain's threshold covers its own frames less tightly than the base's)."""
+        domain's threshold covers its own frames less tightly than the base's). The buffered OOD
+        frames may be known now, so the signature starts over."""
         self.monitor.resume(reset=False)
         self.monitor.reset(relearn=True)
         self.returns.reset()
+        self.signature.reset()
+
+    def current_signature(self) -> str | None:
+        """Hex HDC prototype of the recent OOD frames (None before any)."""
+        return self.signature.signature(self.domains.bank.encoder)
+
+    # -- shared domains ------------------------------------------------------------------------
+    def adopt(
+        self,
+        bundle: DomainBundle,
+        frame: int,
+        *,
+        source_device: str | None = None,
+        source_domain: int | None = None,
+    ) -> dict[str, Any]:
+        """Install a domain another device learned: check it covers what this device sees, install
+        it as a new domain, and report (``adaptor_installed``, or ``adaptor_refused`` and an
+        InputError with the reason).
+
+        Coverage: the bundle's memory must accept at least :data:`MIN_COVERAGE` of the recent
+        OOD frames. With none seen, the domain is installed without being activated. A label
+        collection under way is cancelled: the bundle is what its labels would have grown.
+        """
+        ds = self.domains
+        src = {
+            "source_device": source_device,
+            "source_domain": source_domain
+            if source_domain is not None
+            else bundle.domain.get("id"),
+            "sha256": bundle.sha256,
+        }
+        refused = self._adopt_refusal()
+        new_id = ds.registry.next_id()
+        bank = ds.bank_copy()
+        if refused is None:
+            try:
+                bank.add_packed_domain(
+                    new_id, bundle.packed, bundle.labels, bundle.exact, bundle.threshold
+                )
+            except InputError as exc:
+                refused = f"the bundle's memory does not fit this device's: {exc}"
+        recent = self.signature.recent()
+        coverage: float | None = None
+        if refused is None and len(recent):
+            col = bank.domain_ids.index(new_id)
+            scores = np.asarray(bank.calibrated_scores(recent))[:, col]
+            coverage = float(np.mean(scores >= 0.0))
+            if coverage < MIN_COVERAGE:
+                refused = (
+                    f"the bundle's memory accepts {coverage:.0%} of the {len(recent)} recent OOD "
+                    f"frames; at least {MIN_COVERAGE:.0%} needed"
+                )
+        if refused is not None:
+            log.warning("frame %d: adaptor refused: %s", frame, refused)
+            self.events.emit("adaptor_refused", frame, reason=refused, coverage=coverage, **src)
+            raise InputError(f"adaptor refused: {refused}")
+        activate = coverage is not None
+        cancelled = activate and self.labels.collecting
+        if cancelled:
+            self.labels.cancel()
+        d = bundle.domain
+        ds.install_new(
+            new_id,
+            bundle.adaptor,
+            bank,
+            frame=frame,
+            kind=str(d.get("kind", DOMAIN_SHIFT)),
+            origin=FLEET_ORIGIN,
+            metadata={
+                "origin": "fleet",
+                **src,
+                "source_name": d.get("name"),
+                "source_version": d.get("version"),
+                "signature": bundle.signature,
+            },
+            activate=activate,
+        )
+        report = {
+            "domain": new_id,
+            "labels": 0,
+            "coverage": coverage,
+            "activated": activate,
+            "cancelled_collection": cancelled,
+            **src,
+        }
+        self.events.emit("adaptor_installed", frame, **report)
+        self.events.emit("alert", frame, reason="installed", domain=ds.active, domains=len(ds))
+        if not self.labels.collecting:  # a collection still under way keeps the monitor paused
+            self._settle()
+        return report
+
+    def _adopt_refusal(self) -> str | None:
+        if self.adapting:
+            return "an adaptation is under way on this device"
+        return self.planner.growth_refusal(self.domains)
 
     # -- labels --------------------------------------------------------------------------------
     def feedback(self, indices: np.ndarray, labels: np.ndarray) -> int:

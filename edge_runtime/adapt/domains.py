@@ -96,7 +96,11 @@ class DomainSet:
         name: str | None = None,
         metadata: dict[str, Any] | None = None,
         replay: tuple[np.ndarray, np.ndarray] | None = None,
+        activate: bool = True,
     ) -> None:
+        """Register ``domain_id``'s adaptor and swap in ``bank`` (which holds its memory);
+        ``activate=False`` keeps the active domain (a shared domain no frame here has asked for
+        yet)."""
         self.registry.add(
             adaptor,
             domain_id=domain_id,
@@ -108,7 +112,8 @@ class DomainSet:
             replay=replay,
         )
         self.bank = bank
-        self.active = domain_id
+        if activate:
+            self.active = domain_id
 
     def install_version(
         self,

@@ -26,7 +26,7 @@ import torch
 from edge_runtime.adapt.adaptor import Adaptor
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError, InputError
 
-ORIGINS = ("base", "drift")
+ORIGINS = ("base", "drift", "fleet")
 EVICTION_POLICIES = ("refuse", "oldest")
 
 

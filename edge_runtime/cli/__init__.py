@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from edge_runtime import __version__
 from edge_runtime.errors import EdgeRuntimeError
 
 # Order is the order shown in --help.
-COMMANDS: tuple[str, ...] = ("demo", "run", "scenario", "export", "profile")
+COMMANDS: tuple[str, ...] = ("demo", "run", "fleet", "scenario", "export", "profile")
 
 log = logging.getLogger("edge_runtime")
 
@@ -38,17 +39,43 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as text, or one JSON object per line (for services and log shippers)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"edge_runtime.cli.{name}").register(sub)
     return parser
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record: time (Unix s), level, logger, message, and the exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _setup_logging(verbose: int, quiet: bool, fmt: str = "text") -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _setup_logging(args.verbose, args.quiet)
+    _setup_logging(args.verbose, args.quiet, args.log_format)
     try:
         return int(args.func(args) or 0)
     except EdgeRuntimeError as exc:

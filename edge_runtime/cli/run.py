@@ -120,6 +120,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip the naive/joint baseline heads"
     )
+    parser.add_argument(
+        "--labels",
+        choices=("stream", "fleet"),
+        default="stream",
+        help=(
+            "who answers label requests: the stream file's labels (test-then-train replay), or "
+            "the operator through the fleet's label loop (needs --set fleet.enabled=true; the "
+            "device publishes labels/request with thumbnails and waits for a `labels` command)"
+        ),
+    )
     add_replay_args(parser)
     add_config_args(parser)
     parser.set_defaults(func=_cmd_run)
@@ -140,6 +150,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         baselines=not args.no_baselines,
         rate=args.rate,
         max_frames=args.max_frames,
+        labels_from=args.labels,
     )
     m = result.metrics
     print(format_summary(m))

@@ -3,8 +3,8 @@ installed, else the embedded amqtt broker.
 
 Production fleets run their own broker (Mosquitto, EMQX, HiveMQ); this only starts one so that
 ``edge-runtime demo`` and the tests exercise the real protocol on one machine. Mosquitto gets a
-generated config file: one listener on 127.0.0.1, optional password file and ACL file, no
-persistence (the device's outbox is what must survive, not the broker's queue).
+generated config file: one listener on 127.0.0.1, optional password file and ACL file, and
+persistence in its work folder (sessions and queued messages survive a restart).
 """
 
 from __future__ import annotations
@@ -95,7 +95,22 @@ class Broker:
             exe = find_mosquitto()
             if exe is None:
                 raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
-            lines = [f"listener {self.port} 127.0.0.1", "persistence false"]
+            lines = [
+                f"listener {self.port} 127.0.0.1",
+                # The controller's persistent session, and the QoS 1 messages queued for it while
+                # it is away, must survive a broker restart: a device deletes an alert from its
+                # outbox once the broker has it, so the broker must then keep it. Saved on a clean
+                # stop and every 2 s.
+                "persistence true",
+                f"persistence_location {self.workdir}/",
+                "autosave_interval 2",
+                # Mosquitto's default (1,000 queued per client) drops a fleet's burst.
+                "max_queued_messages 100000",
+            ]
+            if os.geteuid() == 0:
+                # Started as root, Mosquitto switches to its own user before it opens its files,
+                # which sit in this (private) work folder; stay root instead.
+                lines.append("user root")
             if self.password_file is not None:
                 lines += ["allow_anonymous false", f"password_file {self.password_file}"]
             else:

@@ -62,6 +62,7 @@ LIFECYCLE_PHASE: dict[str, str] = {
     "adaptation_refused": "end",
     "domain_returned": "end",
     "adaptor_installed": "end",
+    "adaptor_refused": "end",
 }
 
 
@@ -115,7 +116,7 @@ def _loads(raw: bytes | str, max_bytes: int, what: str) -> dict[str, Any]:
 def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
     value = obj.get(name)
     # bool is an int in Python; a JSON true is never a valid sequence number or time.
-    if not isinstance(value, kind) or isinstance(value, bool) and bool not in _tuple(kind):
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind)):
         shown = "/".join(k.__name__ for k in _tuple(kind))
         raise PayloadError(f"{what}: field {name!r} must be {shown}, got {value!r:.80}")
     return value
@@ -229,9 +230,7 @@ class CommandMessage:
 def _check_labels(args: dict[str, Any]) -> None:
     frames, labels = args["frames"], args["labels"]
     if len(frames) != len(labels):
-        raise PayloadError(
-            f"command 'labels': {len(frames)} frames but {len(labels)} labels"
-        )
+        raise PayloadError(f"command 'labels': {len(frames)} frames but {len(labels)} labels")
     for name, values in (("frames", frames), ("labels", labels)):
         bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or v < 0]
         if bad:

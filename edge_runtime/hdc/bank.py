@@ -238,6 +238,65 @@ class DomainMemoryBank:
         self._rows.extend(s, threshold, packed, y[keep], exact)
         return threshold
 
+    def add_packed_domain(
+        self,
+        domain_id: int,
+        packed: torch.Tensor,
+        labels: torch.Tensor,
+        exact: torch.Tensor | None,
+        threshold: float,
+    ) -> None:
+        """Append a domain whose rows another bank encoded (a fleet bundle), as they are.
+
+        No re-encoding and no re-calibration: the rows and the threshold only mean the same here
+        when both banks share the hypervector settings (the bundle's HDC fingerprint says so);
+        this checks what it can see, the row widths. InputError if they do not fit.
+        """
+        domain_id = int(domain_id)
+        if domain_id in self.domain_ids:
+            raise InputError(f"domain {domain_id} is already in the memory bank")
+        if self.encoder.in_features is None:
+            raise InputError("the memory bank has no fitted encoder yet: fit the base domain first")
+        words = kernels.words_for(self.dim)
+        if packed.dtype != torch.int64 or packed.ndim != 2 or packed.shape[1] != words:
+            raise InputError(
+                f"packed rows {tuple(packed.shape)} {packed.dtype} do not fit this bank's "
+                f"(M, {words}) int64 codes of dim {self.dim}"
+            )
+        if len(packed) == 0:
+            raise InputError("a domain needs at least one exemplar")
+        labels = labels.to(torch.int64)
+        if labels.shape != (len(packed),):
+            raise InputError(f"labels {tuple(labels.shape)} do not match {len(packed)} rows")
+        if self.rerank:
+            width = self.encoder.normalised_width
+            if exact is None or exact.ndim != 2 or tuple(exact.shape) != (len(packed), width):
+                got = None if exact is None else tuple(exact.shape)
+                raise InputError(
+                    f"this bank re-ranks: it needs ({len(packed)}, {width}) exact rows, got {got}"
+                )
+            exact = exact.to(torch.float16).contiguous().cpu()
+        else:
+            exact = None  # a bank that does not re-rank never reads them
+        if not np.isfinite(float(threshold)):
+            raise InputError(f"threshold must be finite, got {threshold}")
+        rows = packed.contiguous().cpu().clone()
+        self._rows.append(domain_id, float(threshold), rows, labels.cpu().clone(), exact)
+
+    def domain_rows(
+        self, domain_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+        """(packed, labels, exact or None, threshold) of one domain: copies, for export."""
+        s = self._rows.index(domain_id)
+        lo, hi = self._rows.bounds(s)
+        exact = None if self.exact is None else self.exact[lo:hi].clone()
+        return (
+            self.packed[lo:hi].clone(),
+            self.labels[lo:hi].clone(),
+            exact,
+            float(self.thresholds[s]),
+        )
+
     def remove_domain(self, domain_id: int) -> None:
         """Drop a domain's exemplars and threshold (e.g. an operator rolls back an adaptor)."""
         self._rows.remove(self._rows.index(domain_id))

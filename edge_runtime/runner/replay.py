@@ -31,8 +31,10 @@ from edge_runtime.acceptance import acceptance_checks
 from edge_runtime.config.schema import RuntimeConfig
 from edge_runtime.data.stream import Stream, iter_batches
 from edge_runtime.encoder.cache import cached_features
+from edge_runtime.errors import InputError
 from edge_runtime.events import JsonlSink, ListSink, jsonable, strict_json
-from edge_runtime.runner.labels import StreamLabels
+from edge_runtime.fleet.attach import attach
+from edge_runtime.runner.labels import LabelSource, StreamLabels
 from edge_runtime.runner.loop import (
     BatchObserver,
     Interrupt,
@@ -138,8 +140,14 @@ def run_stream(
     baselines: bool = True,
     rate: float | None = None,
     max_frames: int | None = None,
+    labels_from: str = "stream",
 ) -> RunResult:
     """Serve the frames of ``stream``; write frames.npz, events.jsonl, metrics.json.
+
+    With ``config.fleet.enabled`` the device reports to the fleet over MQTT as it serves (see
+    :mod:`edge_runtime.fleet.attach`); ``labels_from="fleet"`` then takes labels from the
+    operator's label loop instead of the stream file (the naive/joint baselines, which replay
+    the revealed labels, are skipped).
 
     ``rate`` paces the replay as a camera delivering ``rate`` frames/s would (frame ``i``
     arrives ``i / rate`` s after the first); without it frames are served as fast as the
@@ -151,6 +159,10 @@ def run_stream(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pacer = Pacer(rate) if rate is not None else None  # a bad rate fails before any work
+    if labels_from not in ("stream", "fleet"):
+        raise InputError(f"labels_from must be 'stream' or 'fleet', got {labels_from!r}")
+    if labels_from == "fleet" and not config.fleet.enabled:
+        raise InputError("labels from the fleet need fleet.enabled=true (and a broker)")
     n = len(stream) if max_frames is None else max(0, min(len(stream), int(max_frames)))
     rt = runtime if runtime is not None else Runtime(config)
     try:
@@ -165,7 +177,8 @@ def run_stream(
             on_batch=on_batch,
             stream_path=stream_path,
             checkpoint=checkpoint,
-            baselines=baselines,
+            baselines=baselines and labels_from == "stream",
+            fleet_labels=labels_from == "fleet",
             t_start=t_start,
         )
     finally:
@@ -186,6 +199,7 @@ def _run(
     stream_path: str | None,
     checkpoint: str | Path | None,
     baselines: bool,
+    fleet_labels: bool,
     t_start: float,
 ) -> RunResult:
     labels = StreamLabels(stream.labels)
@@ -200,6 +214,8 @@ def _run(
     try:
         with Interrupt() as stop:
             setup = prepare(rt, stream, progress=progress)
+            # After the base fit, so the device's first birth certificate lists its base domain.
+            link = attach(rt, config.fleet, labels=fleet_labels) if config.fleet.enabled else None
             collector = ServedCollector(
                 len(stream), rt.feature_dim, keep_features=baselines and setup.has_eval
             )
@@ -208,11 +224,18 @@ def _run(
             if on_batch is not None:
                 observers.append(lambda item: on_batch(item.batch.stop, rt))
             observers.append(bar)
-            loop = ServeLoop(rt, labels, pacer=pacer, observers=observers, should_stop=stop)
+            source: LabelSource = labels
+            if link is not None:
+                observers.extend(link.observers)
+                if link.labels is not None:
+                    source = link.labels
+            loop = ServeLoop(rt, source, pacer=pacer, observers=observers, should_stop=stop)
             try:
                 outcome = loop.run(iter_batches(stream.images[:n], int(config.encoder.batch_size)))
             finally:
                 bar.close()
+                if link is not None:
+                    link.close()
             if outcome.interrupted:
                 log.warning("interrupted after %d of %d frames; writing outputs", outcome.served, n)
             eval_pred = (
@@ -230,6 +253,7 @@ def _run(
     metrics = _metrics(
         stream, config, rt, setup, collector, labels, outcome, events, eval_pred, baselines
     )
+    metrics["labels_from"] = "fleet" if fleet_labels else "stream"
     metrics.update(
         stream=stream_path,
         wall_seconds=round(time.perf_counter() - t_start, 3),
@@ -273,7 +297,8 @@ def _metrics(
         events=events,
         label_budget=rt.label_budget,
         stream_meta=stream.meta if isinstance(stream.meta, dict) else None,
-        labels_revealed=labels.revealed,
+        # Fleet labels arrive as commands, not through the stream tally.
+        labels_revealed=labels.revealed or int(rt.labels_used),
     )
     if baselines and setup.has_eval and not outcome.interrupted:
         metrics["baselines"] = _baselines(stream, config, setup, collector, labels, metrics)
