@@ -57,6 +57,9 @@ class Command:
     args: dict[str, Any] = field(default_factory=dict)
     future: Future[Any] = field(default_factory=Future)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # False for a part's own bookkeeping (the fleet client's exports and state snapshots):
+    # answered through the future only, so events.jsonl holds what happened to the device.
+    report: bool = True
 
     @property
     def command_id(self) -> str:
@@ -70,9 +73,12 @@ class CommandQueue:
     def __init__(self, maxsize: int = 256) -> None:
         self._q: queue.Queue[Command] = queue.Queue(maxsize=maxsize)
 
-    def submit(self, name: str, *, command_id: str | None = None, **args: Any) -> Future[Any]:
+    def submit(
+        self, name: str, *, command_id: str | None = None, report: bool = True, **args: Any
+    ) -> Future[Any]:
         """Queue a command for the owning thread (from any thread); InputError if it is unknown,
-        lacks an argument it needs, has one it does not take, or the queue is full."""
+        lacks an argument it needs, has one it does not take, or the queue is full. With
+        ``report=False`` its outcome is not an event (see :class:`Command`)."""
         if name not in COMMANDS:
             raise InputError(f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}")
         extra = set(args) - set(COMMANDS[name])
@@ -81,7 +87,7 @@ class CommandQueue:
         missing = set(COMMANDS[name]) - OPTIONAL_ARGS.get(name, frozenset()) - set(args)
         if missing:
             raise InputError(f"command {name!r} needs argument(s) {sorted(missing)}")
-        cmd = Command(name, dict(args))
+        cmd = Command(name, dict(args), report=report)
         if command_id is not None:
             cmd.id = str(command_id)
         try:
@@ -144,14 +150,20 @@ class CommandHandler:
 
     def _answer(self, cmd: Command, result: Any, exc: EdgeRuntimeError | None, frame: int) -> None:
         if exc is not None:
-            self.events.emit(
-                "command_refused", frame, command_id=cmd.id, command=cmd.name, reason=str(exc)
-            )
+            if cmd.report:
+                self.events.emit(
+                    "command_refused", frame, command_id=cmd.id, command=cmd.name, reason=str(exc)
+                )
             cmd.future.set_exception(exc)
             return
-        self.events.emit(
-            "command_done", frame, command_id=cmd.id, command=cmd.name, result=event_view(result)
-        )
+        if cmd.report:
+            self.events.emit(
+                "command_done",
+                frame,
+                command_id=cmd.id,
+                command=cmd.name,
+                result=event_view(result),
+            )
         cmd.future.set_result(result)
 
     def run(self, name: str, args: dict[str, Any], frame: int) -> Any:

@@ -2,8 +2,8 @@
 
 Per batch (:meth:`Runtime.process`), in stream order:
 
-1. between batches: finished adaptation work is installed and commands from other threads run
-   (:mod:`edge_runtime.commands`);
+1. between batches: commands from other threads run (:mod:`edge_runtime.commands`), then
+   finished adaptation work is installed;
 2. the serving pipeline (:mod:`edge_runtime.pipeline`) encodes, scores every domain, routes and
    predicts; frames that cannot be served are rejected one by one;
 3. the label protocol (:mod:`edge_runtime.labels`) marks the frames whose labels it wants;
@@ -363,8 +363,10 @@ class Runtime:
         self.controller.finish(wait, timeout_s)
 
     def _between_batches(self, frame: int) -> None:
-        self.controller.install(frame)
+        # Commands first: labels that complete a collection build their domain here, and it is
+        # installed before the next frame is served, as labels from the stream's replay are.
         self.command_handler.run_queued(frame)
+        self.controller.install(frame)
 
     def run_commands(self) -> None:
         """Install finished work and run the queued commands now (the owning thread, e.g. at

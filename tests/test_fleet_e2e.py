@@ -183,3 +183,209 @@ def test_alerts_queued_when_the_device_is_killed_are_delivered_after_restart(
     finally:
         ctl.send_signal(signal.SIGTERM)
         ctl.wait(10)
+
+
+# ------------------------------------------------------------------ in-process: the runtime side
+
+
+def _config(port: int, tmp_path: Path, device: str) -> Any:
+    from edge_runtime.config import RuntimeConfig
+
+    return RuntimeConfig().with_overrides(
+        {
+            "encoder.input_size": "32",
+            "hdc.dim": "2048",
+            "adapt.steps": "60",
+            "adapt.label_budget": "40",
+            "fleet.enabled": "true",
+            "fleet.host": "127.0.0.1",
+            "fleet.port": str(port),
+            "fleet.device_id": device,
+            "fleet.outbox_dir": str(tmp_path / "outbox"),
+            "fleet.reconnect_max_s": "1",
+        }
+    )
+
+
+@pytest.fixture
+def controller(mosquitto, tmp_path: Path):
+    from edge_runtime.fleet.controller import FleetController
+
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    store = open_store(url)
+    ctl = FleetController(mosquitto.url, store)
+    ctl.start()
+    assert ctl.wait_ready(10)
+    yield ctl, url
+    ctl.stop()
+    store.close()
+
+
+def _final(metrics: dict[str, Any]) -> list[float | None]:
+    return [s["final_accuracy"] for s in metrics["segments"]]
+
+
+class Operator:
+    """A scripted operator: answers every stored label request from the stream's labels."""
+
+    def __init__(self, ctl: Any, url: str, device: str, labels: Any) -> None:
+        import threading
+
+        self.ctl, self.url, self.device, self.labels = ctl, url, device, labels
+        self.answered = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        store = open_store(self.url)  # its own connection: the controller's writer has one
+        try:
+            while not self._stop.wait(0.02):
+                for req in store.label_requests(self.device, unanswered=True):
+                    frames = [int(f) for f in req["frames"]]
+                    self.ctl.send(
+                        self.device,
+                        "labels",
+                        {
+                            "request_id": req["request_id"],
+                            "frames": frames,
+                            "labels": [int(self.labels[f]) for f in frames],
+                        },
+                    )
+                    store.mark_answered(self.device, req["request_id"])
+                    self.answered += len(frames)
+        finally:
+            store.close()
+
+    def __enter__(self) -> Operator:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def test_label_loop_adapts_as_the_stream_labels_do(mini, mosquitto, controller, tmp_path) -> None:
+    from edge_runtime.data import load_stream
+    from edge_runtime.runner import run_stream
+
+    ctl, url = controller
+    stream = load_stream(mini)
+    cfg = _config(mosquitto.port, tmp_path, "dev-lab")
+    offline = cfg.with_overrides({"fleet.enabled": "false"})
+    reference = run_stream(stream, offline, tmp_path / "ref", progress=False, baselines=False)
+    with Operator(ctl, url, "dev-lab", stream.labels) as operator:
+        fleet = run_stream(
+            stream, cfg, tmp_path / "fleet", progress=False, labels_from="fleet", rate=400
+        )
+    m, ref = fleet.metrics, reference.metrics
+    assert m["labels_from"] == "fleet" and operator.answered > 0
+    assert m["labels_used"] == ref["labels_used"] > 0
+    assert [s["detected"] for s in m["segments"]] == [s["detected"] for s in ref["segments"]]
+    for got, want in zip(_final(m), _final(ref), strict=True):
+        if want is not None:
+            assert got is not None and abs(got - want) <= 2.0, (_final(m), _final(ref))
+    requests = open_store(url).label_requests("dev-lab")
+    assert requests and all(r["thumbnails"] for r in requests)  # PNG thumbnails came along
+
+
+def test_a_second_device_adapts_with_no_labels_from_an_adaptor_the_fleet_shares(
+    mini, mosquitto, controller, tmp_path
+) -> None:
+    from edge_runtime.data import load_stream
+    from edge_runtime.runner import run_stream
+
+    ctl, url = controller
+    stream = load_stream(mini)
+    first = run_stream(
+        stream, _config(mosquitto.port, tmp_path / "a", "dev-a"), tmp_path / "a", progress=False
+    )
+    store = open_store(url)
+    _wait(lambda: len(store.adaptors()) >= 2, 30, "dev-a's adaptors in the store")
+    # dev-b meets the same domains with no operator at all: every label request goes unanswered.
+    second = run_stream(
+        stream,
+        _config(mosquitto.port, tmp_path / "b", "dev-b"),
+        tmp_path / "b",
+        progress=False,
+        labels_from="fleet",
+        rate=400,
+    )
+    installed = [e for e in second.events if e["type"] == "adaptor_installed"]
+    assert installed and all(e["source_device"] == "dev-a" for e in installed)
+    assert second.metrics["labels_used"] == 0
+    offers = store.offers("dev-b")
+    assert len(offers) >= len(installed)
+    # Where dev-b installed dev-a's adaptor it serves that domain as dev-a does.
+    segs_a, segs_b = first.metrics["segments"], second.metrics["segments"]
+    served = {int(e["domain"]) for e in installed}
+    for sa, sb in zip(segs_a, segs_b, strict=True):
+        if sb["adaptor"] in served and sa["final_accuracy"] is not None:
+            assert abs(sb["final_accuracy"] - sa["final_accuracy"]) <= 5.0, (sa, sb)
+    store.close()
+
+
+def test_malformed_commands_are_refused_while_the_runtime_keeps_serving(
+    mini, mosquitto, tmp_path
+) -> None:
+    import base64
+
+    import paho.mqtt.client as mqtt
+
+    from edge_runtime.data import load_stream
+    from edge_runtime.events import ListSink
+    from edge_runtime.fleet.attach import attach
+    from edge_runtime.fleet.payloads import CommandMessage
+    from edge_runtime.runtime import Runtime
+
+    stream = load_stream(mini)
+    cfg = _config(mosquitto.port, tmp_path, "dev-cmd")
+    rt = Runtime(cfg, background=False)
+    rt.fit_base(stream.train_images, stream.train_labels)
+    seen = rt.events.add_sink(ListSink())
+    link = attach(rt, cfg.fleet)
+    _wait(lambda: link.client.connected, 10, "the device to connect")
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    other_encoder = base64.b64encode(b"not a bundle").decode()
+    bad = [
+        b"{not json",
+        json.dumps({"schema": 1, "id": "t1", "command": "rollback", "args": {"domain": "one"}}),
+        json.dumps({"schema": 1, "id": "u1", "command": "reboot", "args": {}}),
+        b"x" * (10 * 1024 * 1024),
+        CommandMessage(
+            "install_adaptor",
+            {"bundle": other_encoder, "sha256": "0" * 64, "encoder_hash": rt.encoder_hash},
+        ).to_json(),
+        CommandMessage(
+            "install_adaptor",
+            {"bundle": other_encoder, "sha256": "0" * 64, "encoder_hash": "another-encoder"},
+        ).to_json(),
+        CommandMessage("rollback", {"domain": 7}).to_json(),  # valid shape, unknown domain
+    ]
+    try:
+        start = 0
+        for n, payload in enumerate(bad, 1):
+            pub.publish("edge/dev-cmd/cmd", payload, qos=1).wait_for_publish(10)
+
+            def refusals() -> int:
+                return sum(e["type"] == "command_refused" for e in seen.events)
+
+            # The client refuses what it cannot parse; a well-formed command waits in the
+            # runtime's queue and is refused there, between batches.
+            _wait(lambda n=n: refusals() >= n or len(rt.commands) > 0, 15, f"command {n}")
+            dec = rt.process(stream.images[start : start + 32])  # serving goes on after each
+            assert len(dec) == 32 and not dec.rejected.any()
+            assert refusals() == n
+            start += 32
+        refused = [e for e in seen.events if e["type"] == "command_refused"]
+        assert len(refused) == len(bad) and all(e["reason"] for e in refused)
+        reasons = " | ".join(e["reason"] for e in refused)
+        for why in ("JSON", "must be int", "unknown command", "limit", "checksum", "encoder"):
+            assert why in reasons, (why, reasons)
+        assert len(rt.domains) == 1  # nothing was installed
+    finally:
+        pub.loop_stop()
+        link.close(5)
+        rt.close()

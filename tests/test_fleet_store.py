@@ -184,8 +184,15 @@ def test_adaptor_and_offer_once(store: FleetStore) -> None:
         "signature": "ff00",
         "lifecycle": "ep-9",
     }
-    assert store.add_adaptor(Envelope("dev-a", 20, "adaptor", body)) is True
-    assert store.add_adaptor(Envelope("dev-a", 20, "adaptor", body)) is False
+    first = Envelope("dev-a", 20, "adaptor", body, time=100.0)
+    assert store.add_adaptor(first) is True
+    assert store.add_adaptor(first) is False  # redelivered: nothing changes
+    # The trained head of the same version replaces the initialised one, never the reverse.
+    trained = Envelope("dev-a", 25, "adaptor", {**body, "bundle": "AAED"}, time=200.0)
+    assert store.add_adaptor(trained) is True
+    assert store.add_adaptor(first) is False
+    assert store.adaptor("dev-a", 2, 1)["bundle"] == "AAED"
+    assert store.add_adaptor(Envelope("dev-a", 26, "adaptor", body, time=300.0)) is True
     assert store.add_adaptor(Envelope("dev-b", 3, "adaptor", {**body, "encoder_hash": "e2"}))
     (only,) = store.adaptors("enc-1")
     assert only["device_id"] == "dev-a" and only["signature"] == "ff00" and "bundle" not in only

@@ -150,6 +150,7 @@ class FleetClient:
         self._flushed_at_stop = False
         self._state: dict[str, Any] = {}
         self._lifecycle: str | None = self.outbox.get_meta(LIFECYCLE_KEY)
+        self._closed: str | None = None  # the episode that ended last (its outcome alert)
         self.last_error: str | None = None  # the last refused connection, for status/tests
 
         self._mqtt = mqtt.Client(
@@ -279,10 +280,15 @@ class FleetClient:
         if phase == "new":
             lifecycle: str | None = f"{self.device_id}:{event.get('frame')}"
             meta[LIFECYCLE_KEY] = lifecycle
+            self._closed = None
         elif phase is not None and current is not None:
             lifecycle = current
             if phase == "end":
                 meta[LIFECYCLE_KEY] = None
+                self._closed = current
+        elif phase == "update" and self._closed is not None:
+            # The alert that reports an episode's outcome follows the event that ended it.
+            lifecycle = self._closed
         else:
             lifecycle = None  # a one-off: its own id, which names its seq
 
@@ -312,7 +318,7 @@ class FleetClient:
     # ------------------------------------------------------------------------------ exports
     def _submit_internal(self, name: str, **args: Any) -> Future[Any] | None:
         try:
-            return self.commands.submit(name, command_id=uuid.uuid4().hex, **args)
+            return self.commands.submit(name, command_id=uuid.uuid4().hex, report=False, **args)
         except EdgeRuntimeError as exc:
             log.warning("fleet: could not queue %s: %s", name, exc)
             return None

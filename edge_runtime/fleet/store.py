@@ -140,7 +140,11 @@ _INSERT_LABEL_REQUEST = """INSERT INTO label_requests
 
 _INSERT_ADAPTOR = """INSERT INTO adaptors
     (device_id, domain, version, sha256, encoder_hash, signature, lifecycle, bundle, time)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"""
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (device_id, domain, version) DO UPDATE SET
+        sha256 = excluded.sha256, signature = excluded.signature, bundle = excluded.bundle,
+        lifecycle = excluded.lifecycle, time = excluded.time
+    WHERE adaptors.time < excluded.time"""
 
 _INSERT_OFFER = """INSERT INTO offers
     (target_device, lifecycle, source_device, source_domain, version, similarity, time)
@@ -569,7 +573,10 @@ class FleetStore:
     # ---------------------------------------------------------------------------- adaptors
 
     def add_adaptor(self, env: Envelope) -> bool:
-        """Store a shared adaptor bundle; False if this (device, domain, version) is stored."""
+        """Store a shared adaptor bundle; False if this (device, domain, version) is stored
+        with a bundle at least as new. A domain's version is exported twice: when it is
+        installed (its initialised head) and when its head is trained; the newer replaces the
+        older, and a redelivered older message changes nothing."""
         body = env.body
         what = f"adaptor from {env.device_id!r}"
         domain = _require(body, "domain", int, what)
