@@ -67,6 +67,10 @@ class Broker:
     password_file: Path | None = None
     acl_file: Path | None = None
     kind: str = "auto"  # "mosquitto", "amqtt" or "auto"
+    # (ca_file, cert_file, key_file): the listener speaks TLS only; with require_certificate
+    # the client must present a certificate the CA signed (mutual TLS).
+    tls_files: tuple[Path, Path, Path] | None = None
+    require_certificate: bool = False
     workdir: Path | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -75,15 +79,16 @@ class Broker:
             self.port = free_port()
         if self.kind == "auto":
             self.kind = "mosquitto" if find_mosquitto() else "amqtt"
-        if self.kind == "amqtt" and (self.password_file or self.acl_file):
-            raise ValueError("passwords and ACLs need Mosquitto; install the mosquitto package")
+        if self.kind == "amqtt" and (self.password_file or self.acl_file or self.tls_files):
+            raise ValueError("passwords, ACLs and TLS need Mosquitto (the mosquitto package)")
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="edge-broker-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        scheme = "mqtts" if self.tls_files else "mqtt"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -117,6 +122,10 @@ class Broker:
                 lines.append("allow_anonymous true")
             if self.acl_file is not None:
                 lines.append(f"acl_file {self.acl_file}")
+            if self.tls_files is not None:
+                ca, cert, key = self.tls_files
+                lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+                lines.append(f"require_certificate {str(self.require_certificate).lower()}")
             conf = self.workdir / "mosquitto.conf"
             conf.write_text("\n".join(lines) + "\n")
             return [exe, "-c", str(conf)]
