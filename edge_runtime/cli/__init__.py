@@ -19,7 +19,7 @@ from edge_runtime import __version__
 from edge_runtime.errors import EdgeRuntimeError
 
 # Order is the order shown in --help.
-COMMANDS: tuple[str, ...] = ("demo", "run", "fleet", "scenario", "export", "profile")
+COMMANDS: tuple[str, ...] = ("demo", "run", "serve", "fleet", "scenario", "export", "profile")
 
 log = logging.getLogger("edge_runtime")
 
