@@ -175,7 +175,8 @@ def format_status(devices: list[dict[str, Any]]) -> str:
         hb = d.get("last_heartbeat")
         ago = "-" if not hb else f"{now - float(hb):.0f}s ago"
         doms = ",".join(f"{x['id']}v{x.get('version', 1)}" for x in d.get("domains") or []) or "-"
-        drift = d.get("last_drift_frame")
+        last = d.get("last_drift") or {}
+        drift = f"{now - float(last['time']):.0f}s ago" if last.get("time") else None
         lines.append(
             f"{d['device_id']:<14} {'yes' if d.get('online') else 'no':<7} "
             f"{d.get('bd_seq') if d.get('bd_seq') is not None else '-':>5} {ago:>9} "

@@ -594,6 +594,9 @@ class FleetClient:
             after, epoch = self._sent_upto, self._epoch
         if birth:
             self._publish(STATUS, self._birth().to_json(), None, qos=1, retain=True)
+            # A heartbeat with the birth: the controller has readings from the first second,
+            # not only after the first fleet.heartbeat_s.
+            self._publish(TELEMETRY, self._heartbeat().to_json(), None, qos=0)
         if not kick or room <= 0:
             with self._cond:
                 self._kick = self._kick or kick
