@@ -36,18 +36,21 @@ from edge_runtime.events import EventLog
 #: Commands the runtime handles, with the arguments each takes.
 COMMANDS: dict[str, tuple[str, ...]] = {
     "adapt_now": ("kind",),
-    "rollback": ("domain",),
+    "rollback": ("domain", "version"),
     "set_threshold": ("domain", "threshold"),
     "report_state": (),
     "labels": ("request_id", "frames", "labels"),
     "install_adaptor": ("bundle", "sha256", "encoder_hash", "source_device", "source_domain"),
     "export_domain": ("domain",),
+    "expire_labels": ("reason", "trigger_frame"),
 }
 #: Arguments a command may leave out; every other one is required.
 OPTIONAL_ARGS: dict[str, frozenset[str]] = {
     "adapt_now": frozenset({"kind"}),
+    "rollback": frozenset({"version"}),
     "labels": frozenset({"request_id"}),
     "install_adaptor": frozenset({"source_device", "source_domain"}),
+    "expire_labels": frozenset({"reason", "trigger_frame"}),
 }
 
 
@@ -171,7 +174,10 @@ class CommandHandler:
             self.controller.request(str(args.get("kind", DOMAIN_SHIFT)), frame)
             return {"collecting": self.controller.labels.budget}
         if name == "rollback":
-            d = self.domains.rollback(int(args["domain"]))
+            version = args.get("version")
+            d = self.domains.rollback(
+                int(args["domain"]), None if version is None else int(version)
+            )
             self.events.emit("adaptor_rolled_back", frame, domain=d.id, version=d.version)
             return {"domain": d.id, "version": d.version}
         if name == "set_threshold":
@@ -187,6 +193,13 @@ class CommandHandler:
             frames, labels = np.asarray(args["frames"]), np.asarray(args["labels"])
             accepted = self.controller.feedback(frames, labels)
             return {"accepted": accepted, "request_id": args.get("request_id")}
+        if name == "expire_labels":
+            trigger = args.get("trigger_frame")
+            return self.controller.expire(
+                frame,
+                str(args.get("reason", "expired")),
+                trigger_frame=None if trigger is None else int(trigger),
+            )
         if name == "install_adaptor":
             return self._install(args, frame)
         if name == "export_domain":

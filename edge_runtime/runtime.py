@@ -357,6 +357,15 @@ class Runtime:
         self._claim_thread()
         return self.controller.feedback(indices, labels)
 
+    def expire_labels(
+        self, reason: str = "expired", *, trigger_frame: int | None = None
+    ) -> dict[str, Any] | None:
+        """End the label collection under way (its labels will not come): adapt on the labels
+        already in, else cancel and resume the drift monitor. From another thread, submit the
+        ``expire_labels`` command instead. See :meth:`AdaptationController.expire`."""
+        self._claim_thread()
+        return self.controller.expire(self.frames_seen, reason, trigger_frame=trigger_frame)
+
     def finish(self, wait: bool = True, timeout_s: float | None = None) -> None:
         """End of stream: adapt on whatever labels were collected, then (``wait``) let the
         training jobs finish, at most ``timeout_s``, and install them."""
@@ -413,6 +422,7 @@ class Runtime:
             self.labels,
             self.executor,
             {"frames_seen": self.frames_seen},
+            self.signature,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -436,10 +446,28 @@ class Runtime:
     ) -> Runtime:
         """Rebuild a runtime saved by :meth:`save`; CheckpointError if corrupt or mismatched."""
         state = load_checkpoint(path, kind=CHECKPOINT_KIND)
-        config, _ = read_header(state, str(path))
+        return cls.from_state(state, str(path), encoder, background=background, **kwargs)
+
+    @classmethod
+    def from_state(
+        cls,
+        state: dict[str, Any],
+        source: str,
+        encoder: Encoder | None = None,
+        *,
+        background: bool = True,
+        **kwargs: Any,
+    ) -> Runtime:
+        """Rebuild a runtime from a :meth:`state_dict` (already read from a checkpoint named
+        ``source`` in messages); CheckpointError if it does not fit ``encoder``."""
+        config, _ = read_header(state, source)
         rt = cls(config, encoder, background=background, **kwargs)
-        parts = rt._parts()
-        decode(state, parts, str(path))
+        try:
+            parts = rt._parts()
+            decode(state, parts, source)
+        except BaseException:
+            rt.close(timeout_s=0)  # never hand out a half-loaded runtime
+            raise
         rt.frames_seen = parts.counters["frames_seen"]
         return rt
 

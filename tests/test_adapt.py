@@ -241,6 +241,21 @@ def test_registry_adaptor_versions_rollback_and_replay_roundtrip(tmp_path):
         back.rollback(0)
 
 
+def test_registry_rolls_back_to_a_named_version() -> None:
+    """The fleet's rollback command names the version to restore (v3 -> v1 in one step)."""
+    reg = DomainRegistry(max_adaptors=2)
+    reg.add(_adaptor([0, 1, 2]), origin="base", kind="base")
+    v1 = reg.get(0).adaptor
+    reg.update_adaptor(0, _adaptor([0, 1, 2, 7], seed=5))
+    reg.update_adaptor(0, _adaptor([0, 1, 2, 7, 8], seed=6))
+    assert reg.get(0).version == 3
+    for bad in (3, 4, 0):
+        with pytest.raises(InputError, match=f"versions 1..2, not {bad}"):
+            reg.rollback(0, bad)
+    d = reg.rollback(0, 1)
+    assert d.version == 1 and d.adaptor is v1 and d.labels == (0, 1, 2)
+
+
 def test_train_adaptor_threads_default_leaves_torch_alone(monkeypatch) -> None:
     """threads=None trains with the caller's thread count (the profile's); a number is scoped."""
     import edge_runtime.adapt.adaptor as adaptor_module

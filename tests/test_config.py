@@ -172,7 +172,6 @@ ENABLED = {
     "hdc.packed": False,
     "adapt.nas": True,
     "adapt.meta_init": True,
-    "telemetry.enabled": True,
 }
 
 
@@ -223,7 +222,7 @@ def test_configs_stored_by_older_builds_can_be_reset() -> None:
     from edge_runtime.config import reset_unimplemented
 
     stored = RuntimeConfig().model_dump(mode="json")
-    stored["adapt"]["nas"] = stored["adapt"]["meta_init"] = stored["telemetry"]["enabled"] = True
+    stored["adapt"]["nas"] = stored["adapt"]["meta_init"] = True
     with pytest.raises(ConfigError, match=r"adapt\.nas"):
         validate_config(stored)
     assert validate_config(reset_unimplemented(stored)) == RuntimeConfig()

@@ -246,7 +246,7 @@ def test_a_bundle_that_does_not_cover_the_recent_ood_frames_is_refused(
     events, decisions = _serve(
         c, data["noise_x"], data["noise_y"], FLAGGED, FLAGGED + 32, answer=False
     )
-    with pytest.raises(InputError, match=r"accepts \d+% of the 64 recent OOD frames"):
+    with pytest.raises(InputError, match=r"accepts \d+% of the 32 recent OOD frames"):
         fut.result(0)
     (refused,) = [e for e in events if e["type"] == "adaptor_refused"]
     assert refused["coverage"] < 0.5 and refused["source_device"] == "device-a"

@@ -53,6 +53,17 @@ def _pki(root: Path) -> dict[str, Path]:
     return {p.stem + p.suffix.replace(".", "_"): p for p in root.iterdir()}
 
 
+def _client(cfg: FleetConfig, events: EventLog | None = None) -> FleetClient:
+    return FleetClient(
+        cfg,
+        events=events if events is not None else EventLog(),
+        commands=CommandQueue(),
+        position=lambda: 0,
+        software_version="test",
+        encoder_hash="enc",
+    )
+
+
 def _wait(predicate, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -85,23 +96,13 @@ def test_device_and_controller_over_mutual_tls(tmp_path: Path) -> None:
         "tls": True,
         "ca_file": pki["ca_crt"],
     }
-    device = FleetClient(
-        FleetConfig(**base, cert_file=pki["client_crt"], key_file=pki["client_key"]),
-        events=events,
-        commands=CommandQueue(),
-        position=lambda: 0,
-        software_version="test",
-        encoder_hash="enc",
+    device = _client(
+        FleetConfig(**base, cert_file=pki["client_crt"], key_file=pki["client_key"]), events
     )
     events.add_sink(device)
     # Without the client certificate the broker refuses the handshake: nothing gets through.
-    anonymous = FleetClient(
-        FleetConfig(**{**base, "device_id": "dev-nocert", "outbox_dir": tmp_path / "o2"}),
-        events=EventLog(),
-        commands=CommandQueue(),
-        position=lambda: 0,
-        software_version="test",
-        encoder_hash="enc",
+    anonymous = _client(
+        FleetConfig(**{**base, "device_id": "dev-nocert", "outbox_dir": tmp_path / "o2"})
     )
     try:
         ctl.start()
@@ -129,14 +130,9 @@ def test_a_device_that_does_not_trust_the_broker_never_connects(tmp_path: Path) 
         workdir=tmp_path / "broker",
         tls_files=(pki["ca_crt"], pki["server_crt"], pki["server_key"]),
     ).start()
-    client = FleetClient(
-        # No ca_file: the system's CAs do not know the test CA, so verification fails.
-        FleetConfig(device_id="dev-x", port=broker.port, outbox_dir=tmp_path / "o", tls=True),
-        events=EventLog(),
-        commands=CommandQueue(),
-        position=lambda: 0,
-        software_version="test",
-        encoder_hash="enc",
+    # No ca_file: the system's CAs do not know the test CA, so verification fails.
+    client = _client(
+        FleetConfig(device_id="dev-x", port=broker.port, outbox_dir=tmp_path / "o", tls=True)
     )
     try:
         client.start()

@@ -393,11 +393,11 @@ def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert _cli(["profile", "validate", str(typo)]) == 2
     assert "hdc.dimension: unknown key" in capsys.readouterr().err
     claims = tmp_path / "claims.yaml"
-    claims.write_text("adapt:\n  nas: true\ntelemetry:\n  enabled: true\n")
+    claims.write_text("adapt:\n  nas: true\n  meta_init: true\n")
     assert _cli(["profile", "validate", str(claims)]) == 2
     err = capsys.readouterr().err
     assert "adapt.nas: not implemented yet" in err
-    assert "telemetry.enabled: not implemented yet" in err
+    assert "adapt.meta_init: not implemented yet" in err
 
 
 def test_cli_show_list_detect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

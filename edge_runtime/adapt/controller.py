@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 #: An adopted bundle's memory must accept (calibrated score >= 0) at least this share of the
 #: recent OOD frames: the receiving device's own evidence that the domain is the one it sees.
 MIN_COVERAGE = 0.5
+#: How many of the newest buffered OOD frames an adopted bundle's memory is checked against
+#: (fashion-drift seed 1 MNIST frames against seed 0's MNIST memory: 38% of the 64-frame window,
+#: which still held the previous segment's OOD frames, at the frame the offer arrived).
+COVERAGE_FRAMES = 32
 # A shared domain is registered as "fleet" once the registry knows that origin; until then as
 # "drift" (it was grown from a drift, on another device), with its source in the metadata.
 FLEET_ORIGIN = "fleet"
@@ -192,7 +196,9 @@ class AdaptationController:
                 )
             except InputError as exc:
                 refused = f"the bundle's memory does not fit this device's: {exc}"
-        recent = self.signature.recent()
+        # The newest OOD frames only: an offer comes a batch or two after the flag, so these
+        # are the drift's own; older buffered ones may be the previous domain's.
+        recent = self.signature.recent()[-COVERAGE_FRAMES:]
         coverage: float | None = None
         if refused is None and len(recent):
             col = bank.domain_ids.index(new_id)
@@ -268,6 +274,39 @@ class AdaptationController:
         if wait:
             self.executor.wait(timeout_s)
         self.install(self.position)
+
+    def expire(
+        self, frame: int, reason: str, *, trigger_frame: int | None = None
+    ) -> dict[str, Any] | None:
+        """End a label collection whose missing labels will never come (an operator's deadline
+        passed): stop requesting, then adapt on the labels already in, as the end of a stream
+        does; with none, cancel it and watch the stream again, so a later drift is flagged.
+
+        ``trigger_frame`` names the flag the caller means; a newer collection is left alone.
+        Returns what was done (also a ``label_collection_expired`` event), or None when no
+        such collection is under way."""
+        t = self.labels.trigger
+        if t is None or (trigger_frame is not None and int(trigger_frame) != t.frame):
+            return None
+        missing = self.labels.summary()
+        self.labels.stop_requesting()
+        shots = self.labels.take()
+        outcome = {
+            "trigger_frame": t.frame,
+            "kind": t.kind,
+            "reason": str(reason),
+            "labels": 0 if shots is None else len(shots),
+            "missing": missing["awaiting"] + missing["to_request"],
+            "adapted": shots is not None,
+        }
+        self.events.emit("label_collection_expired", frame, **outcome)
+        if shots is not None:
+            self._adapt(shots)
+        else:
+            self.labels.cancel()
+            self.monitor.resume(reset=True)
+            self.returns.reset()
+        return outcome
 
     # -- plans ---------------------------------------------------------------------------------
     def _adapt(self, shots: Shots) -> None:

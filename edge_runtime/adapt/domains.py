@@ -137,8 +137,8 @@ class DomainSet:
         self.registry.get(domain_id)  # raises for an unknown id
         self.active = int(domain_id)
 
-    def rollback(self, domain_id: int) -> Domain:
-        return self.registry.rollback(domain_id)
+    def rollback(self, domain_id: int, version: int | None = None) -> Domain:
+        return self.registry.rollback(domain_id, version)
 
     def set_threshold(self, domain_id: int, threshold: float) -> None:
         self.registry.get(domain_id)

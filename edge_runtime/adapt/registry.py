@@ -199,12 +199,21 @@ class DomainRegistry:
             domain.replay_features, domain.replay_labels = _replay_arrays(*replay)
         return domain
 
-    def rollback(self, domain_id: int) -> Domain:
-        """Restore a domain's previous adaptor version (InputError if it has none)."""
+    def rollback(self, domain_id: int, version: int | None = None) -> Domain:
+        """Restore an earlier adaptor version of a domain: ``version`` (1 = its first), or the
+        previous one when None. InputError if there is no such earlier version. The versions
+        after it are dropped."""
         domain = self.get(domain_id)
         if not domain.history:
             raise InputError(f"domain {domain.id} has no earlier adaptor version to roll back to")
-        domain.adaptor = domain.history.pop()
+        target = domain.version - 1 if version is None else int(version)
+        if not 1 <= target < domain.version:
+            raise InputError(
+                f"domain {domain.id} is at adaptor version {domain.version}; it can roll back to "
+                f"versions 1..{domain.version - 1}, not {target}"
+            )
+        while domain.version > target:
+            domain.adaptor = domain.history.pop()
         domain.labels = tuple(int(v) for v in domain.adaptor.label_map)
         return domain
 

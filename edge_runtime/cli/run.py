@@ -121,6 +121,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-baselines", action="store_true", help="skip the naive/joint baseline heads"
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help=(
+            "continue from the newest intact checkpoint under DIR/checkpoints/ (a damaged one "
+            "is skipped with a warning; one from another encoder or version is refused); with "
+            "none there, start at frame 0. The outputs at the end are those of one "
+            "uninterrupted run. Implies --checkpoint-every 256 unless given"
+        ),
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        metavar="N",
+        help=(
+            "write a run checkpoint under DIR/checkpoints/ every N frames and after each "
+            "adaptation, keeping the last --keep-checkpoints; adaptation then runs "
+            "synchronously so that a resumed run makes the same decisions"
+        ),
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=positive_int,
+        default=3,
+        metavar="K",
+        help="run checkpoints kept (default 3)",
+    )
+    parser.add_argument(
         "--labels",
         choices=("stream", "fleet"),
         default="stream",
@@ -151,6 +178,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         rate=args.rate,
         max_frames=args.max_frames,
         labels_from=args.labels,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
     )
     m = result.metrics
     print(format_summary(m))

@@ -52,7 +52,6 @@ NOT_IMPLEMENTED: dict[str, tuple[Any, str]] = {
     "hdc.packed": (True, "the HDC memory always keeps bit-packed exemplars"),
     "adapt.nas": (False, "adaptors come from a fixed architecture; no zero-shot NAS runs"),
     "adapt.meta_init": (False, "adaptors start from prototypes; no meta-learned init exists"),
-    "telemetry.enabled": (False, "nothing starts a telemetry sampler"),
 }
 
 
@@ -258,7 +257,8 @@ class FleetConfig(_Section):
 class TelemetryConfig(_Section):
     """Device readings (psutil, tegrastats, sysfs) sent with heartbeats."""
 
-    enabled: Annotated[bool, _only_implemented("telemetry.enabled")] = False
+    # ``edge-runtime serve`` starts a sampler whose readings feed /metrics and metrics.json.
+    enabled: bool = False
     interval_s: float = Field(5.0, gt=0)
     # Samples kept in memory (ring buffer) for latest()/history.
     history: int = Field(720, gt=0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,7 +375,8 @@ def load_stream(path: str | os.PathLike[str]) -> Stream:
                 raise StreamFormatError(
                     f"array '{name}' in {p} cannot be read without pickle (object dtype?): {exc}"
                 ) from exc
-            except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                # zlib.error: a damaged deflate stream inside an intact zip directory.
                 raise StreamFormatError(f"array '{name}' in {p} is corrupt: {exc}") from exc
     try:
         validate_stream(arrays)

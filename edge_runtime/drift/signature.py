@@ -18,6 +18,8 @@ common component; a match threshold must sit near 0.89, not 0.75, to separate th
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -123,3 +125,22 @@ class DomainSignature:
         if not self._count:
             return None
         return prototype_hex(encoder.encode_packed(self.recent()))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The buffered frames, oldest first: a resumed runtime signs a drift with the same
+        frames the uninterrupted one would have."""
+        return {"window": self.window, "recent": self.recent()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        window = int(state["window"])
+        if window < 1:
+            raise InputError(f"signature window must be >= 1, got {window}")
+        rows = np.asarray(state["recent"], dtype=np.float32)
+        if rows.ndim != 2 or len(rows) > window:
+            raise InputError(f"signature state of shape {rows.shape} does not fit window {window}")
+        self.window = window
+        self.reset()
+        self._buf = None
+        if len(rows):
+            self.update(rows, np.ones(len(rows), dtype=bool))

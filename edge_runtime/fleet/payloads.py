@@ -164,7 +164,7 @@ def alert_body(event: dict[str, Any], lifecycle: str) -> dict[str, Any]:
 #: Commands a device accepts on its ``cmd`` topic: argument name -> accepted JSON types.
 COMMAND_ARGS: dict[str, dict[str, tuple[type, ...]]] = {
     "adapt_now": {"kind": (str,)},
-    "rollback": {"domain": (int,)},
+    "rollback": {"domain": (int,), "version": (int,)},
     "set_threshold": {"domain": (int,), "threshold": (int, float)},
     "report_state": {},
     "labels": {"request_id": (str,), "frames": (list,), "labels": (list,)},
@@ -179,6 +179,7 @@ COMMAND_ARGS: dict[str, dict[str, tuple[type, ...]]] = {
 #: Arguments a command may leave out.
 OPTIONAL_ARGS: dict[str, frozenset[str]] = {
     "adapt_now": frozenset({"kind"}),
+    "rollback": frozenset({"version"}),
     "install_adaptor": frozenset({"source_device", "source_domain"}),
 }
 

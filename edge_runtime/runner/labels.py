@@ -104,3 +104,25 @@ class StreamLabels:
     @property
     def revealed_per_flag(self) -> list[int]:
         return [len(t) for t in self.per_flag]
+
+    # ------------------------------------------------------------------ state (resume)
+    def state_dict(self) -> list[dict[str, Any]]:
+        """The per-flag tallies so far (``frame`` -1: before any flag)."""
+        return [
+            {
+                "frame": -1 if t.frame is None else int(t.frame),
+                "indices": np.asarray(t.indices, np.int64),
+                "labels": np.asarray(t.labels, np.int64),
+            }
+            for t in self.per_flag
+        ]
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        self.per_flag = [
+            FlagLabels(
+                None if int(rec["frame"]) < 0 else int(rec["frame"]),
+                np.asarray(rec["indices"], np.int64).tolist(),
+                np.asarray(rec["labels"], np.int64).tolist(),
+            )
+            for rec in state
+        ]

@@ -142,6 +142,12 @@ class ServeLoop:
         if interrupted:
             rt.wait_idle()  # nothing more is installed: the outputs describe what was served
         else:
+            # A source that held answers back (memory pressure) hands them over now, so the
+            # end of the stream adapts on every label it revealed.
+            flush = getattr(self.labels, "flush", None)
+            late = flush() if callable(flush) else None
+            if late is not None and len(late.indices):
+                rt.feedback(late.indices, late.labels)
             rt.finish(wait=True)  # adapt on a collection in progress, install what finished
         slept = self.pacer.slept_s if self.pacer is not None else 0.0
         return ServeOutcome(served, interrupted, serving_s, slept, rt.drain_events())

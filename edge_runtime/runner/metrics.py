@@ -99,6 +99,55 @@ class ServedCollector:
     def has_features(self, index: int) -> bool:
         return int(index) in self._revealed
 
+    # ------------------------------------------------------------------ state (resume)
+    def state_dict(self) -> dict[str, Any]:
+        """The decisions served so far and the features kept, for a run checkpoint: a resumed
+        run's ``frames.npz`` then holds every frame once, whichever process served it."""
+        n = self.served
+
+        def rows(d: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+            keys = sorted(d)
+            x = np.stack([d[k] for k in keys]) if keys else np.zeros((0, self.feature_dim))
+            return {"index": np.asarray(keys, np.int64), "features": x.astype(np.float32)}
+
+        return {
+            "served": n,
+            "prediction": self.prediction[:n].copy(),
+            "ood_score": self.ood_score[:n].copy(),
+            "domain": self.domain[:n].copy(),
+            "is_ood": self.is_ood[:n].copy(),
+            "rejected": self.rejected[:n].copy(),
+            "max_gap_s": float(self.max_gap_s),
+            "max_gap_frame": int(self.max_gap_frame),
+            "asked": rows(self._asked),
+            "revealed": rows(self._revealed),
+            "features": None if self.features is None else self.features[:n].copy(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        n = int(state["served"])
+        if not 0 <= n <= len(self.prediction):
+            raise ValueError(f"{n} frames served does not fit a stream of {len(self.prediction)}")
+        for name in ("prediction", "ood_score", "domain", "is_ood", "rejected"):
+            arr = np.asarray(state[name])
+            if arr.shape != (n,):
+                raise ValueError(f"served {name} has shape {arr.shape}, expected ({n},)")
+            getattr(self, name)[:n] = arr
+        self.served = n
+        self.max_gap_s = float(state["max_gap_s"])
+        self.max_gap_frame = int(state["max_gap_frame"])
+        for attr in ("asked", "revealed"):
+            rec = state[attr]
+            idx, x = np.asarray(rec["index"], np.int64), np.asarray(rec["features"], np.float32)
+            if len(idx) and x.shape != (len(idx), self.feature_dim):
+                raise ValueError(f"{attr} features have shape {x.shape}")
+            setattr(self, f"_{attr}", {int(i): x[k] for k, i in enumerate(idx.tolist())})
+        feats = state.get("features")
+        if self.features is not None:
+            if feats is None or np.shape(feats) != (n, self.feature_dim):
+                raise ValueError("the checkpoint has no features for the baselines")
+            self.features[:n] = feats
+
 
 def event_counts(events: Sequence[Event]) -> dict[str, int]:
     """Adaptors created, versions added, returns, rejected frames and errors, from events."""

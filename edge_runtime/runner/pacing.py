@@ -41,10 +41,14 @@ class Pacer:
         self.slice_s = float(slice_s)
         self.t0: float | None = None
         self.slept_s = 0.0
+        # A resumed replay starts at a later frame: that frame arrives at start(), not
+        # first / rate seconds after it.
+        self.first = 0
 
     def start(self, t0: float | None = None) -> float:
         """Frame 0 arrives now (or at ``t0``, a time on ``clock``)."""
-        self.t0 = self.clock() if t0 is None else float(t0)
+        now = self.clock() if t0 is None else float(t0)
+        self.t0 = now - self.first / self.rate
         self.slept_s = 0.0
         return self.t0
 

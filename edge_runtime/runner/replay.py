@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from edge_runtime.acceptance import acceptance_checks
 from edge_runtime.config.schema import RuntimeConfig
-from edge_runtime.data.stream import Stream, iter_batches
+from edge_runtime.data.stream import Stream
 from edge_runtime.encoder.cache import cached_features
 from edge_runtime.errors import InputError
 from edge_runtime.events import JsonlSink, ListSink, jsonable, strict_json
@@ -51,8 +51,20 @@ from edge_runtime.runner.metrics import (
 )
 from edge_runtime.runner.outputs import FrameOutputs, write_outputs
 from edge_runtime.runner.pacing import Pacer
+from edge_runtime.runner.pressure import MemoryGovernor
+from edge_runtime.runner.resume import (
+    CHECKPOINTS,
+    OutboxGuard,
+    ResumePoint,
+    RunCheckpointer,
+    load_resume,
+    read_events,
+    run_id_for,
+    stream_digest,
+)
 from edge_runtime.runtime import Runtime
 from edge_runtime.scoring import adapted_mask, score_run
+from edge_runtime.state.series import DEFAULT_KEEP, CheckpointSeries
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +153,9 @@ def run_stream(
     rate: float | None = None,
     max_frames: int | None = None,
     labels_from: str = "stream",
+    resume: bool = False,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = DEFAULT_KEEP,
 ) -> RunResult:
     """Serve the frames of ``stream``; write frames.npz, events.jsonl, metrics.json.
 
@@ -154,6 +169,13 @@ def run_stream(
     runtime takes them. ``max_frames`` serves only the first frames of the stream. A
     ``runtime`` passed in is used as is (and not closed); ``on_batch(frames_served, rt)`` is
     called after every batch.
+
+    ``checkpoint_every`` (frames) writes run checkpoints under ``out_dir/checkpoints/`` that
+    often and after each adaptation; ``resume`` continues from the newest intact one there
+    (see :mod:`edge_runtime.runner.resume`), checkpointing every
+    ``DEFAULT_CHECKPOINT_EVERY`` frames when ``checkpoint_every`` is not given. A
+    checkpointed run adapts synchronously, so a resumed run's outputs are those of one
+    uninterrupted run.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -164,7 +186,39 @@ def run_stream(
     if labels_from == "fleet" and not config.fleet.enabled:
         raise InputError("labels from the fleet need fleet.enabled=true (and a broker)")
     n = len(stream) if max_frames is None else max(0, min(len(stream), int(max_frames)))
-    rt = runtime if runtime is not None else Runtime(config)
+    if checkpoint_every is not None and int(checkpoint_every) < 1:
+        raise InputError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if resume and checkpoint_every is None:
+        checkpoint_every = DEFAULT_CHECKPOINT_EVERY
+    point: ResumePoint | None = None
+    if checkpoint_every is not None:
+        if runtime is not None:
+            raise InputError("a checkpointed run builds its own runtime; do not pass one")
+        found = load_resume(out, config, stream, keep=keep_checkpoints) if resume else None
+        if found is not None:
+            runtime_built, point = found
+            # The run goes on with the settings it started with (batch boundaries, budgets);
+            # only the fleet link is the one given now (a broker may have moved).
+            config = runtime_built.config.model_copy(update={"fleet": config.fleet})
+        else:
+            # Synchronous adaptation: serving the same frames from a checkpoint then makes
+            # the same decisions, so a resumed run's outputs are one run's.
+            runtime_built = Runtime(config, background=False)
+        rt = runtime_built
+        owned = True
+    else:
+        rt = runtime if runtime is not None else Runtime(config)
+        owned = runtime is None
+    ckpt = (
+        _Checkpointing(
+            CheckpointSeries(out / CHECKPOINTS, keep=keep_checkpoints),
+            run_id_for(out),
+            int(checkpoint_every),
+            point,
+        )
+        if checkpoint_every is not None
+        else None
+    )
     try:
         return _run(
             rt,
@@ -180,10 +234,25 @@ def run_stream(
             baselines=baselines and labels_from == "stream",
             fleet_labels=labels_from == "fleet",
             t_start=t_start,
+            ckpt=ckpt,
         )
     finally:
-        if runtime is None:
+        if owned:
             rt.close()
+
+
+#: Frames between run checkpoints when ``resume`` is asked for without ``checkpoint_every``.
+DEFAULT_CHECKPOINT_EVERY = 256
+
+
+@dataclass
+class _Checkpointing:
+    """A checkpointed run's settings, and the point it resumes from (None: frame 0)."""
+
+    series: CheckpointSeries
+    run_id: str
+    every: int
+    point: ResumePoint | None
 
 
 def _run(
@@ -201,10 +270,16 @@ def _run(
     baselines: bool,
     fleet_labels: bool,
     t_start: float,
+    ckpt: _Checkpointing | None = None,
 ) -> RunResult:
     labels = StreamLabels(stream.labels)
     listed = ListSink()
-    jsonl = JsonlSink(out / "events.jsonl")
+    point = ckpt.point if ckpt is not None else None
+    if point is not None:
+        # events.jsonl was cut back to the checkpoint's events; the run goes on from there.
+        listed.events.extend(read_events(out / "events.jsonl"))
+        labels.load_state_dict(point.run["labels"])
+    jsonl = JsonlSink(out / "events.jsonl", mode="a" if point is not None else "w")
     sinks = (jsonl, listed, labels)
     stale = rt.drain_events()  # events a runtime passed in had not reported yet
     for sink in sinks:
@@ -214,13 +289,42 @@ def _run(
     try:
         with Interrupt() as stop:
             setup = prepare(rt, stream, progress=progress)
+            if point is not None:
+                _restore_setup(setup, point.run["setup"])
             # After the base fit, so the device's first birth certificate lists its base domain.
             link = attach(rt, config.fleet, labels=fleet_labels) if config.fleet.enabled else None
             collector = ServedCollector(
                 len(stream), rt.feature_dim, keep_features=baselines and setup.has_eval
             )
+            start = 0
+            if point is not None:
+                collector.load_state_dict(point.run["collector"])
+                start = collector.served
+            if pacer is not None:
+                pacer.first = start
             bar = _ProgressBar(n, progress)
+            bar.bar.update(min(start, n))
             observers: list[BatchObserver] = [collector]
+            checkpointer: RunCheckpointer | None = None
+            guard: OutboxGuard | None = None
+            if ckpt is not None:
+                if link is not None:
+                    guard = OutboxGuard(link.client, ckpt.run_id, len(listed.events))
+                    rt.events.add_sink(guard, first=True)
+                checkpointer = RunCheckpointer(
+                    ckpt.series,
+                    ckpt.run_id,
+                    ckpt.every,
+                    rt,
+                    collector,
+                    labels,
+                    listed.events,
+                    out / "events.jsonl",
+                    _setup_state(setup),
+                    stream_digest(stream),
+                    serving_before_s=0.0 if point is None else float(point.run["serving_seconds"]),
+                    guard=guard,
+                )
             if on_batch is not None:
                 observers.append(lambda item: on_batch(item.batch.stop, rt))
             observers.append(bar)
@@ -229,13 +333,33 @@ def _run(
                 observers.extend(link.observers)
                 if link.labels is not None:
                     source = link.labels
+            bs = int(config.encoder.batch_size)
+            governor = MemoryGovernor(rt, float(config.device.memory_budget_mb), bs)
+            observers.append(governor)
+            source = governor.wrap(source)
+            if checkpointer is not None:
+                observers.append(checkpointer)  # last: it saves what the others recorded
             loop = ServeLoop(rt, source, pacer=pacer, observers=observers, should_stop=stop)
             try:
-                outcome = loop.run(iter_batches(stream.images[:n], int(config.encoder.batch_size)))
+                if point is not None and point.finished and start >= n:
+                    # Killed after the end of the stream was checkpointed: nothing to serve
+                    # or finish again, only the outputs to write.
+                    outcome = ServeOutcome(start, False, 0.0)
+                else:
+                    # The kill tests time a restart by this line: serving again.
+                    log.info("serving frames %d..%d", start, n)
+                    outcome = loop.run(governor.batches(stream.images[:n], start))
+                    outcome.served = max(outcome.served, start)
+                    if checkpointer is not None and not outcome.interrupted:
+                        checkpointer.save(finished=True)
             finally:
                 bar.close()
+                if guard is not None:
+                    rt.events.remove_sink(guard)
                 if link is not None:
                     link.close()
+            if checkpointer is not None:
+                outcome.serving_seconds += checkpointer.serving_before_s
             if outcome.interrupted:
                 log.warning("interrupted after %d of %d frames; writing outputs", outcome.served, n)
             eval_pred = (
@@ -253,6 +377,7 @@ def _run(
     metrics = _metrics(
         stream, config, rt, setup, collector, labels, outcome, events, eval_pred, baselines
     )
+    metrics["memory"] = governor.summary()
     metrics["labels_from"] = "fleet" if fleet_labels else "stream"
     metrics.update(
         stream=stream_path,
@@ -269,6 +394,22 @@ def _run(
     )
     write_outputs(out, frames, metrics)
     return RunResult(metrics, out, outcome.interrupted, events)
+
+
+def _setup_state(setup: BaseSetup) -> dict[str, Any]:
+    """The base setup's figures a resumed run cannot recompute (its runtime has adapted)."""
+    return {
+        "eval_before": setup.eval_before,
+        "fit_report": strict_json(jsonable(setup.fit_report)),
+        "seconds": float(setup.seconds),
+    }
+
+
+def _restore_setup(setup: BaseSetup, state: dict[str, Any]) -> None:
+    before = state.get("eval_before")
+    setup.eval_before = None if before is None else np.asarray(before, np.int64)
+    setup.fit_report = dict(state.get("fit_report") or {})
+    setup.seconds = float(state.get("seconds", 0.0)) + setup.seconds
 
 
 def _metrics(

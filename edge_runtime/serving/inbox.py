@@ -13,7 +13,9 @@ exactly where the fleet's label loop (:class:`~edge_runtime.fleet.labels.FleetLa
   read once. A malformed file goes to ``inbox/rejected/`` with a ``label_inbox_error``
   event saying which line is wrong; serving goes on;
 * a request whose labels are not all in by its deadline expires with a
-  ``label_request_expired`` event; labels for it that come later are ignored.
+  ``label_request_expired`` event and the ``expire`` callback (the server's: the runtime's
+  ``expire_labels``, which adapts on the labels already in or else resumes the drift monitor,
+  so a later drift is flagged again); labels for it that come later are ignored.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class OperatorLabels:
         position: Callable[[], int],
         origin: Callable[[int], FrameOrigin | None] = lambda i: None,
         deadline_s: float | None = None,
+        expire: Callable[[CaptureRequest], Any] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.inbox = Path(inbox_dir)
@@ -84,6 +87,7 @@ class OperatorLabels:
         self.position = position
         self.origin = origin
         self.deadline_s = deadline_s
+        self.on_expire = expire
         self.clock = clock
         self.requests: list[CaptureRequest] = []
         self._opened: list[tuple[int, str, int]] = []  # flags seen, folders not yet made
@@ -200,6 +204,8 @@ class OperatorLabels:
                 answered=len(req.answered),
                 missing=len(req.pending),
             )
+            if self.on_expire is not None:
+                self.on_expire(req)
 
     def tick(self) -> None:
         """Between batches, with no frames coming: open folders and expire requests."""

@@ -37,9 +37,18 @@ P = "edge_runtime_"
 class ServeCollector:
     """Reads :class:`ServeMetrics` (and the latest telemetry sample) into metric families."""
 
-    def __init__(self, metrics: ServeMetrics, sampler: TelemetrySampler | None = None) -> None:
+    def __init__(
+        self,
+        metrics: ServeMetrics,
+        sampler: TelemetrySampler | None = None,
+        *,
+        outbox: Callable[[], int | None] | None = None,
+        ring: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.metrics = metrics
         self.sampler = sampler
+        self.outbox = outbox  # the fleet outbox's queued messages (None: no fleet link)
+        self.ring = ring  # the active-learning ring's summary
         self.process = psutil.Process()
 
     def collect(self) -> Iterator[Metric]:
@@ -98,12 +107,48 @@ class ServeCollector:
             f"{P}process_rss_bytes", "resident memory", value=self.process.memory_info().rss
         )
         yield from self._telemetry()
+        queued = self.outbox() if self.outbox is not None else None
+        if queued is not None:
+            yield GaugeMetricFamily(
+                f"{P}outbox_messages", "alerts queued for the fleet broker", value=queued
+            )
+        yield from self._ring()
+
+    def _ring(self) -> Iterator[Metric]:
+        r = self.ring() if self.ring is not None else None
+        if r is None:
+            return
+        kept = CounterMetricFamily(
+            f"{P}capture_frames", "frames written to the capture ring", labels=["reason"]
+        )
+        limited = CounterMetricFamily(
+            f"{P}capture_rate_limited",
+            "capture-ring frames skipped by a rate cap",
+            labels=["reason"],
+        )
+        for reason, n in r["captured"].items():
+            kept.add_metric([reason], n)
+            limited.add_metric([reason], r["rate_limited"][reason])
+        yield kept
+        yield limited
+        yield GaugeMetricFamily(f"{P}capture_ring_files", "files in the ring", value=r["files"])
+        yield GaugeMetricFamily(f"{P}capture_ring_bytes", "bytes in the ring", value=r["bytes"])
 
     def _telemetry(self) -> Iterator[Metric]:
         s = self.sampler.latest() if self.sampler is not None else None
         if s is None:
             return
         yield GaugeMetricFamily(f"{P}cpu_percent", "system CPU load", value=s.cpu_percent)
+        yield GaugeMetricFamily(
+            f"{P}process_cpu_percent", "this process's CPU load", value=s.process_cpu_percent
+        )
+        yield GaugeMetricFamily(
+            f"{P}telemetry_rss_bytes",
+            "resident memory at the last sample",
+            value=s.process_rss_mb * 2**20,
+        )
+        if s.total_power_w is not None:
+            yield GaugeMetricFamily(f"{P}board_power_watts", "board input", value=s.total_power_w)
         if s.gpu_percent is not None:
             yield GaugeMetricFamily(f"{P}gpu_percent", "GPU load (tegrastats)", value=s.gpu_percent)
         temps = GaugeMetricFamily(f"{P}temperature_celsius", "sensors", labels=["sensor"])
@@ -177,7 +222,10 @@ def serve_metrics(
     port: int,
     host: str = "0.0.0.0",
     sampler: TelemetrySampler | None = None,
+    outbox: Callable[[], int | None] | None = None,
+    ring: Callable[[], dict[str, Any]] | None = None,
 ) -> MetricsServer:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServeCollector(metrics, sampler))  # type: ignore[arg-type]
+    collector = ServeCollector(metrics, sampler, outbox=outbox, ring=ring)
+    registry.register(collector)  # type: ignore[arg-type]
     return MetricsServer(registry, ready, host=host, port=port).start()

@@ -4,8 +4,11 @@ It wires parts that each do one job: readers and the multiplexer (:mod:`.mux`), 
 :class:`~edge_runtime.runner.loop.ServeLoop` (process, label answers, feedback, observers),
 :class:`~.inbox.OperatorLabels` (capture folders and the CSV inbox), :class:`~.metrics.
 ServeMetrics` with the rolling ``DIR/metrics.json`` and Prometheus (:mod:`.prometheus`),
-``DIR/events.jsonl`` (:class:`~edge_runtime.events.JsonlSink`) and systemd's watchdog
-(:mod:`.sdnotify`). A source that cannot be opened, fails or ends is an event
+``DIR/events.jsonl`` (:class:`~edge_runtime.events.JsonlSink`), the active-learning ring
+(:mod:`.ring`), systemd's watchdog (:mod:`.sdnotify`) and, where the config turns them on, the
+fleet link (:func:`~edge_runtime.fleet.attach.attach`: alerts to MQTT, and with
+``labels_from="fleet"`` the fleet's label loop as the label source) and a telemetry sampler
+whose readings feed ``/metrics``. A source that cannot be opened, fails or ends is an event
 (``source_failed``, ``source_ended``, ...) and the others go on; serving stops when every
 source has ended, at ``max_frames``, or on SIGINT/SIGTERM (the batch in progress finishes).
 """
@@ -15,12 +18,13 @@ from __future__ import annotations
 import logging
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.errors import InputError
 from edge_runtime.events import JsonlSink, jsonable, strict_json
@@ -32,13 +36,20 @@ from edge_runtime.serving.inbox import OperatorLabels
 from edge_runtime.serving.metrics import ServeMetrics
 from edge_runtime.serving.mux import FrameOrigin, Multiplexer
 from edge_runtime.serving.prometheus import MetricsServer, serve_metrics
+from edge_runtime.serving.ring import CaptureRing, RingConfig
 from edge_runtime.serving.sdnotify import SdNotify
 from edge_runtime.sources.base import SourceError
 from edge_runtime.sources.frames import FrameFormat
 from edge_runtime.sources.reader import Notice, SourceReader
 from edge_runtime.sources.shaping import ShapedSource, open_source
 
+if TYPE_CHECKING:
+    from edge_runtime.fleet.attach import FleetLink
+    from edge_runtime.serving.capture import CaptureRequest
+    from edge_runtime.telemetry.sampler import TelemetrySampler
+
 log = logging.getLogger(__name__)
+LABELS_FROM = ("inbox", "fleet")
 
 
 @dataclass
@@ -56,6 +67,9 @@ class ServeOptions:
     rate: float | None = None
     max_wait_s: float = 0.02
     metrics_interval_s: float = 1.0
+    ring: RingConfig | None = field(default_factory=RingConfig)  # None: no active-learning ring
+    ring_dir: Path | None = None  # default DIR/capture/ring
+    labels_from: str = "inbox"  # "inbox" (CSV files) or "fleet" (needs fleet.enabled)
     extra_sources: list[ShapedSource] = field(default_factory=list)  # already built (tests, API)
 
 
@@ -105,6 +119,12 @@ class LiveServe:
     ) -> None:
         if not runtime.domains:
             raise InputError("the runtime has no base domain: fit it or load a checkpoint first")
+        if options.labels_from not in LABELS_FROM:
+            raise InputError(
+                f"labels_from must be one of {LABELS_FROM}, got {options.labels_from!r}"
+            )
+        if options.labels_from == "fleet" and not runtime.config.fleet.enabled:
+            raise InputError("labels from the fleet need fleet.enabled=true (and a broker)")
         self.rt = runtime
         self.opt = options
         self.out = Path(options.out_dir)
@@ -127,10 +147,20 @@ class LiveServe:
             position=lambda: self.rt.frames_seen,
             origin=self._origin,
             deadline_s=options.label_deadline_s,
+            expire=self._expire_request,
         )
         self.rt.events.add_sink(self.operator)
         self.labels: LabelSource = labels if labels is not None else self.operator
         self.observers = list(observers or [])  # more serve-loop observers (a caller's own)
+        self.ring = (
+            None
+            if options.ring is None
+            else CaptureRing(
+                options.ring_dir or self.out / "capture" / "ring", options.ring, origin=self._origin
+            )
+        )
+        self.fleet: FleetLink | None = None
+        self.sampler: TelemetrySampler | None = None
 
     # ------------------------------------------------------------------ helpers
     def _origin(self, index: int) -> FrameOrigin | None:
@@ -145,6 +175,18 @@ class LiveServe:
 
     def _emit(self, etype: str, **details: Any) -> None:
         self.rt.events.emit(etype, self.rt.frames_seen, **details)
+
+    def _expire_request(self, req: CaptureRequest) -> None:
+        # On the serving thread (the inbox runs there), so the runtime is called directly.
+        self.rt.expire_labels("label deadline passed", trigger_frame=req.flag_frame)
+
+    def _outbox_size(self) -> int | None:
+        if self.fleet is None:
+            return None
+        try:
+            return len(self.fleet.client.outbox)
+        except sqlite3.Error:  # closed at shutdown while a scrape was in flight
+            return None
 
     # ------------------------------------------------------------------ start
     def open_sources(self) -> None:
@@ -196,7 +238,9 @@ class LiveServe:
             if n.kind in ("ended", "failed"):
                 counts.state = n.kind
                 counts.error = n.details.get("error")
-            self._emit(f"source_{n.kind}", source=n.source, **n.details)
+            # The reader says "ended"/"failed"; a source names its own ("source_gap", ...).
+            etype = n.kind if n.kind.startswith("source_") else f"source_{n.kind}"
+            self._emit(etype, source=n.source, **n.details)
         self.operator.tick()
         for r in self.readers:
             c = self.metrics.source(r.name)
@@ -210,12 +254,16 @@ class LiveServe:
 
     def write_metrics(self, **extra: Any) -> dict[str, Any]:
         self.metrics.domains = len(self.rt.domains)
+        latest = None if self.sampler is None else self.sampler.latest()
         snap = self.metrics.snapshot(
             metrics_port=None if self.http is None else self.http.port,
             ready=self.ready,
             frames_seen=self.rt.frames_seen,
             active_domain=self.rt.active_domain,
             labels=self.operator.summary(),
+            capture_ring=None if self.ring is None else self.ring.summary(),
+            outbox_messages=self._outbox_size(),
+            telemetry=None if latest is None else latest.to_dict(),
             **extra,
         )
         snap = strict_json(jsonable(snap))
@@ -224,6 +272,19 @@ class LiveServe:
 
     # ------------------------------------------------------------------ run
     def start(self) -> LiveServe:
+        cfg = self.rt.config
+        if cfg.telemetry.enabled:
+            from edge_runtime.telemetry.sampler import TelemetrySampler
+
+            self.sampler = TelemetrySampler.from_config(cfg.telemetry).start()
+        if cfg.fleet.enabled:
+            from edge_runtime.fleet.attach import attach
+
+            # After the base fit, so the device's birth certificate lists its base domain.
+            self.fleet = attach(self.rt, cfg.fleet, labels=self.opt.labels_from == "fleet")
+            self.observers.extend(self.fleet.observers)
+            if self.fleet.labels is not None:
+                self.labels = self.fleet.labels
         self.open_sources()
         if self.opt.metrics_port is not None:
             self.http = serve_metrics(
@@ -231,6 +292,9 @@ class LiveServe:
                 lambda: self.ready,
                 port=self.opt.metrics_port,
                 host=self.opt.metrics_host,
+                sampler=self.sampler,
+                outbox=self._outbox_size,
+                ring=None if self.ring is None else self.ring.summary,
             )
             log.info("metrics on http://%s:%d/metrics", self.opt.metrics_host, self.http.port)
         self.write_metrics()
@@ -251,7 +315,8 @@ class LiveServe:
                 tick=self.tick,
                 start=self.rt.frames_seen,
             )
-            observers = [self.metrics, self.operator, *self.observers, self._forget]
+            ring = [] if self.ring is None else [self.ring]
+            observers = [self.metrics, self.operator, *ring, *self.observers, self._forget]
             loop = ServeLoop(self.rt, self.labels, observers=observers, should_stop=self.stop)
             outcome = loop.run(self.mux.batches())
         self.metrics.count_events(outcome.final_events)
@@ -279,6 +344,14 @@ class LiveServe:
         if self.http is not None:
             self.http.close()
             self.http = None
+        if self.fleet is not None:
+            self.fleet.close()  # flushes what it can to the broker; the rest stays queued
+            self.fleet = None
+        if self.sampler is not None:
+            self.sampler.stop()
+            self.sampler = None
+        if self.ring is not None:
+            self.ring.close()
         self.rt.events.remove_sink(self.operator)
         self.rt.events.remove_sink(self.jsonl)
         self.jsonl.close()

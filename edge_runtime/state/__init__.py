@@ -20,6 +20,7 @@ from edge_runtime.state.atomic import (
 from edge_runtime.state.checkpoint import (
     FORMAT,
     VERSION,
+    IncompatibleCheckpoint,
     flatten_state,
     has_checkpoint,
     load_checkpoint,
@@ -31,6 +32,7 @@ from edge_runtime.state.checkpoint import (
 __all__ = [
     "FORMAT",
     "VERSION",
+    "IncompatibleCheckpoint",
     "aside_path",
     "atomic_path",
     "atomic_write",

@@ -108,6 +108,19 @@ class _IncompleteCheckpoint(CheckpointError):
     the previous one, if an interrupted save left it aside, may stand in."""
 
 
+class IncompatibleCheckpoint(CheckpointError):
+    """An intact checkpoint this build must not load: another format version, or (raised by
+    the state codec) another encoder or state version. A resume stops on it rather than
+    falling back to an older checkpoint of the same wrong kind."""
+
+
+def _tree_sha256(tree: Any) -> str:
+    # The JSON tree has no checksum of its own in the file: a flipped digit in a threshold would
+    # otherwise load silently. Canonical form, so the hash does not depend on the indentation.
+    text = json.dumps(tree, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: Any, *, kind: str) -> Path:
     """Write ``state`` atomically as a checkpoint directory at ``path``; returns the path."""
     tree, tensors = flatten_state(state)
@@ -122,6 +135,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: Any, *, kind: str) -> P
             "created": time.time(),
             "tensors_sha256": _sha256(tensor_path),
             "num_tensors": len(tensors),
+            "state_sha256": _tree_sha256(tree),
             "state": tree,
         }
         text = json.dumps(manifest, indent=1, allow_nan=True)
@@ -145,10 +159,14 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _IncompleteCheckpoint(f"checkpoint {root}: {MANIFEST} is corrupt ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {root}: {MANIFEST} is not an edge_runtime checkpoint")
+        raise _IncompleteCheckpoint(
+            f"checkpoint {root}: {MANIFEST} is not an edge_runtime checkpoint"
+        )
     version = manifest.get("version")
-    if not isinstance(version, int) or version > VERSION or version < 1:
-        raise CheckpointError(
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise _IncompleteCheckpoint(f"checkpoint {root}: {MANIFEST} has no format version")
+    if version > VERSION or version < 1:
+        raise IncompatibleCheckpoint(
             f"checkpoint {root} has format version {version!r}; this build reads 1..{VERSION}"
         )
     return manifest
@@ -201,4 +219,9 @@ def _load(root: Path, kind: str) -> Any:
         tensors = load_file(str(tpath))
     except Exception as exc:  # safetensors raises its own error types
         raise _IncompleteCheckpoint(f"checkpoint {root}: cannot read {TENSORS} ({exc})") from None
-    return unflatten_state(manifest.get("state"), tensors)
+    tree = manifest.get("state")
+    expected = manifest.get("state_sha256")
+    # Checkpoints written before the tree had a checksum have none to check.
+    if expected is not None and _tree_sha256(tree) != expected:
+        raise _IncompleteCheckpoint(f"checkpoint {root}: {MANIFEST} is corrupt (sha256 mismatch)")
+    return unflatten_state(tree, tensors)

@@ -22,12 +22,17 @@ from edge_runtime.adapt.executor import AdaptationExecutor, TrainSet
 from edge_runtime.config.schema import RuntimeConfig, validate_config
 from edge_runtime.drift import DriftMonitor
 from edge_runtime.drift.returns import ReturnDetector
+from edge_runtime.drift.signature import DomainSignature
 from edge_runtime.encoder import FeatureSpec
 from edge_runtime.errors import CheckpointError, InputError
 from edge_runtime.labels import LabelProtocol
+from edge_runtime.state.checkpoint import IncompatibleCheckpoint
 
 CHECKPOINT_KIND = "edge_runtime.runtime"
-STATE_VERSION = 2
+# 3: the domain signature's window of recent OOD frames. Version 2 states (without it) still
+# load, with an empty window: nothing else changed.
+STATE_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 
 
 @dataclass
@@ -42,6 +47,7 @@ class StateParts:
     labels: LabelProtocol
     executor: AdaptationExecutor
     counters: dict[str, int] = field(default_factory=dict)
+    signature: DomainSignature | None = None
 
 
 def _plug_points(executor: AdaptationExecutor) -> dict[str, Any]:
@@ -50,6 +56,19 @@ def _plug_points(executor: AdaptationExecutor) -> dict[str, Any]:
         state = part.state_dict() if hasattr(part, "state_dict") else None
         out[role] = {"name": getattr(part, "name", type(part).__name__), "state": state}
     return out
+
+
+def _str_keys(node: Any) -> Any:
+    """Integer dict keys as strings, as ``events.jsonable`` writes them. A label collection
+    keeps its flag's evidence (e.g. a return claim's ``claims_by_domain``, keyed by domain id),
+    which only ever goes out again in an event, where the keys are strings anyway."""
+    if isinstance(node, dict):
+        return {
+            str(k) if isinstance(k, (int, np.integer)) else k: _str_keys(v) for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_str_keys(v) for v in node]
+    return node
 
 
 def encode(parts: StateParts) -> dict[str, Any]:
@@ -62,7 +81,7 @@ def encode(parts: StateParts) -> dict[str, Any]:
         "domains": parts.domains.state_dict(),
         "monitor": parts.monitor.state_dict(),
         "returns": parts.returns.state_dict(),
-        "labels": parts.labels.state_dict(),
+        "labels": _str_keys(parts.labels.state_dict()),
         "training": [
             {
                 "domain": did,
@@ -73,16 +92,17 @@ def encode(parts: StateParts) -> dict[str, Any]:
             for did, t in jobs
         ],
         "counters": {k: int(v) for k, v in parts.counters.items()},
+        "signature": None if parts.signature is None else parts.signature.state_dict(),
     }
 
 
 def read_header(state: dict[str, Any], source: str) -> tuple[RuntimeConfig, FeatureSpec]:
     """The config and encoder spec a state was made with (to build a runtime to load it into)."""
     version = state.get("state_version")
-    if version != STATE_VERSION:
-        raise CheckpointError(
+    if version not in READABLE_VERSIONS:
+        raise IncompatibleCheckpoint(
             f"checkpoint {source} has runtime state version {version!r}; this build reads "
-            f"version {STATE_VERSION} only"
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     try:
         return validate_config(state["config"]), FeatureSpec.from_dict(state["encoder_spec"])
@@ -95,7 +115,7 @@ def decode(state: dict[str, Any], parts: StateParts, source: str) -> None:
     part is checked before the runtime uses any of them, and on error the caller drops them."""
     saved = FeatureSpec.from_dict(state["encoder_spec"]).to_dict()
     if parts.spec.to_dict() != saved:
-        raise CheckpointError(
+        raise IncompatibleCheckpoint(
             f"checkpoint {source} was made with encoder {saved}, but this runtime's encoder is "
             f"{parts.spec.to_dict()}"
         )
@@ -103,7 +123,7 @@ def decode(state: dict[str, Any], parts: StateParts, source: str) -> None:
     for role, rec in state["plug_points"].items():
         if role not in ours or ours[role]["name"] != rec["name"]:
             have = ours.get(role, {}).get("name")
-            raise CheckpointError(
+            raise IncompatibleCheckpoint(
                 f"checkpoint {source} was made with {role} {rec['name']!r}, this runtime uses "
                 f"{have!r}"
             )
@@ -129,6 +149,8 @@ def decode(state: dict[str, Any], parts: StateParts, source: str) -> None:
                 )
             )
         parts.counters.update({k: int(v) for k, v in state["counters"].items()})
+        if parts.signature is not None and state.get("signature") is not None:
+            parts.signature.load_state_dict(state["signature"])
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, InputError) as exc:
