@@ -36,20 +36,18 @@ def decode_frames(container: Any, start: int = 0) -> Iterator[RawFrame]:
         n += 1
 
 
-class VideoFileSource(BaseSource):
-    """Every frame of a video file, in order; ends at the end of the file."""
+class ContainerSource(BaseSource):
+    """A source that opens one PyAV container and decodes it to the end (files, cameras).
+
+    Subclasses set ``_container`` in ``open`` and name what a decode error means in
+    ``read_failure``."""
+
+    read_failure = "decoding failed"
 
     def __init__(self, uri: str) -> None:
-        path = uri[len("file://") :] if uri.startswith("file://") else uri
         super().__init__(uri)
-        self.path = Path(path)
         self._container: Any = None
         self._iterating = False
-
-    def open(self) -> None:
-        if not self.path.is_file():
-            raise SourceError(f"{self.name}: no such video file")
-        self._container = open_container(str(self.path), self.name)
 
     def frames(self) -> Iterator[RawFrame]:
         if self._container is None:
@@ -61,7 +59,7 @@ class VideoFileSource(BaseSource):
                     return
                 yield raw
         except av.FFmpegError as exc:
-            raise SourceError(f"{self.name}: decoding failed: {exc}") from exc
+            raise SourceError(f"{self.name}: {self.read_failure}: {exc}") from exc
         finally:
             self._release()
 
@@ -76,6 +74,20 @@ class VideoFileSource(BaseSource):
         if self._container is not None:
             self._container.close()
             self._container = None
+
+
+class VideoFileSource(ContainerSource):
+    """Every frame of a video file, in order; ends at the end of the file."""
+
+    def __init__(self, uri: str) -> None:
+        path = uri[len("file://") :] if uri.startswith("file://") else uri
+        super().__init__(uri)
+        self.path = Path(path)
+
+    def open(self) -> None:
+        if not self.path.is_file():
+            raise SourceError(f"{self.name}: no such video file")
+        self._container = open_container(str(self.path), self.name)
 
 
 def open_video(uri: str) -> VideoFileSource:
