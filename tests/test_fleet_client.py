@@ -350,6 +350,27 @@ def test_clean_stop_publishes_offline_status(mosquitto: Broker, tmp_path: Path) 
         col.close()
 
 
+def test_stop_after_a_finished_episode_still_flushes_and_says_offline(
+    mosquitto: Broker, tmp_path: Path
+) -> None:
+    """Regression: the lifecycle bookkeeping once shared a name with the stopped flag, so after
+    any episode ended ``stop`` skipped the flush and the offline status."""
+    client, events, _ = make_client(config(mosquitto.port, tmp_path))
+    col = Collector(mosquitto.port)
+    client.start()
+    try:
+        assert wait_until(lambda: client.connected, 5)
+        events.emit("drift", 5)
+        events.emit("adaptation_finished", 20)
+        events.emit("alert", 20)
+        assert client.stop(5)
+        assert wait_until(lambda: any(e.type == "death" for e in col.envelopes("status")), 5)
+        assert col.seqs() == [1, 2, 3]
+    finally:
+        client.stop(0)
+        col.close()
+
+
 # ------------------------------------------------------------------------------ commands
 def test_malformed_commands_are_refused_and_valid_ones_queued(
     mosquitto: Broker, tmp_path: Path

@@ -150,7 +150,7 @@ class FleetClient:
         self._flushed_at_stop = False
         self._state: dict[str, Any] = {}
         self._lifecycle: str | None = self.outbox.get_meta(LIFECYCLE_KEY)
-        self._closed: str | None = None  # the episode that ended last (its outcome alert)
+        self._ended: str | None = None  # the episode that ended last (its outcome alert)
         self.last_error: str | None = None  # the last refused connection, for status/tests
 
         self._mqtt = mqtt.Client(
@@ -280,15 +280,15 @@ class FleetClient:
         if phase == "new":
             lifecycle: str | None = f"{self.device_id}:{event.get('frame')}"
             meta[LIFECYCLE_KEY] = lifecycle
-            self._closed = None
+            self._ended = None
         elif phase is not None and current is not None:
             lifecycle = current
             if phase == "end":
                 meta[LIFECYCLE_KEY] = None
-                self._closed = current
-        elif phase == "update" and self._closed is not None:
+                self._ended = current
+        elif phase == "update" and self._ended is not None:
             # The alert that reports an episode's outcome follows the event that ended it.
-            lifecycle = self._closed
+            lifecycle = self._ended
         else:
             lifecycle = None  # a one-off: its own id, which names its seq
 
