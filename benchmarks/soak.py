@@ -2,6 +2,8 @@
 
     python benchmarks/soak.py --frames 200000 --out DIR [--size 32] [--sample-every 2000]
 
+Without ``--size`` the encoder runs at the config's default input size (64 px).
+
 The ``fashion-drift-mini`` scenario (six segments: base, four corruptions, back to base) is
 served over and over, frame ``i`` being scenario frame ``i mod 1140``, so the run sees a drift
 flag, label collection and an adaptation or a return every couple of hundred frames, for as
@@ -43,10 +45,11 @@ from edge_runtime.runtime import Runtime
 from edge_runtime.state.checkpoint import flatten_state
 
 
-def _config(size: int, outbox: Path, max_outbox: int) -> RuntimeConfig:
+def _config(size: int | None, outbox: Path, max_outbox: int) -> RuntimeConfig:
+    sized = {} if size is None else {"encoder.input_size": str(size)}
     return RuntimeConfig().with_overrides(
         {
-            "encoder.input_size": str(size),
+            **sized,
             "hdc.dim": "2048",
             "adapt.steps": "60",
             "adapt.label_budget": "40",
@@ -174,7 +177,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=200_000)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/soak"))
-    ap.add_argument("--size", type=int, default=32, help="encoder input size (px)")
+    ap.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="encoder input size (px); default: the config's (64)",
+    )
     ap.add_argument("--sample-every", type=int, default=2000)
     ap.add_argument("--max-outbox", type=int, default=20_000)
     args = ap.parse_args()
@@ -184,6 +192,8 @@ def main() -> int:
     stream = load_stream(cached_scenario("fashion-drift-mini"))
     work = Path(tempfile.mkdtemp(prefix="soak-", dir=out))
     cfg = _config(args.size, work / "outbox", args.max_outbox)
+    size = int(cfg.encoder.input_size)
+    sized = "" if args.size is None else f" --size {args.size}"
     rt = Runtime(cfg)
     t0 = time.perf_counter()
     rt.fit_base(stream.train_images, stream.train_labels)
@@ -209,10 +219,10 @@ def main() -> int:
     for e in events:
         counts[e["type"]] = counts.get(e["type"], 0) + 1
     result = {
-        "command": f"python benchmarks/soak.py --frames {args.frames} --size {args.size}",
+        "command": f"python benchmarks/soak.py --frames {args.frames}{sized}",
         "frames": outcome.served,
         "wall_seconds": round(time.perf_counter() - t0, 1),
-        "encoder_input_size": args.size,
+        "encoder_input_size": size,
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
         "event_counts": counts,

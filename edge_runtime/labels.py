@@ -35,6 +35,10 @@ class Shots:
     labels: np.ndarray  # (N,) int64
     frames: list[int]
     trigger: Trigger
+    # The frames themselves (at most the encoder's input size, see :func:`compact_frames`), so
+    # an adaptor below the last layer can be trained on the encoder's intermediate maps of the
+    # same shots; None when the labels came with features only.
+    images: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -53,6 +57,7 @@ class LabelProtocol:
         self._x: list[np.ndarray] = []
         self._y: list[int] = []
         self._i: list[int] = []
+        self._images: dict[int, np.ndarray] = {}  # frame -> its (compacted) image
 
     # -- state of the collection -------------------------------------------------------------
     @property
@@ -63,6 +68,11 @@ class LabelProtocol:
     @property
     def wants_labels(self) -> bool:
         return self._to_request > 0 or bool(self._pending)
+
+    @property
+    def wants_more(self) -> bool:
+        """Frames are still to be requested (the next served frames will be)."""
+        return self._to_request > 0
 
     @property
     def complete(self) -> bool:
@@ -84,11 +94,14 @@ class LabelProtocol:
         self.trigger = trigger
         self._to_request = self.budget
 
-    def request(self, frame: int, features: np.ndarray) -> bool:
-        """Called for each served frame in order; True if its label is wanted."""
+    def request(self, frame: int, features: np.ndarray, image: np.ndarray | None = None) -> bool:
+        """Called for each served frame in order; True if its label is wanted. ``image``: the
+        frame (compacted by the caller), kept until its label arrives or the collection ends."""
         if self._to_request <= 0:
             return False
         self._pending[int(frame)] = np.array(features, dtype=np.float32, copy=True)
+        if image is not None:
+            self._images[int(frame)] = np.array(image, copy=True)
         self._to_request -= 1
         return True
 
@@ -119,6 +132,8 @@ class LabelProtocol:
     def stop_requesting(self) -> None:
         """No more frames will come (end of stream): what was asked and answered is all."""
         self._to_request = 0
+        for i in self._pending:
+            self._images.pop(i, None)
         self._pending.clear()
 
     def take(self) -> Shots | None:
@@ -135,14 +150,27 @@ class LabelProtocol:
             if self._x
             else np.zeros((0, self.feature_dim), np.float32)
         )
-        shots = Shots(x, np.asarray(self._y, dtype=np.int64), list(self._i), trigger)
+        shots = Shots(
+            x, np.asarray(self._y, dtype=np.int64), list(self._i), trigger, self._shot_images()
+        )
         self.cancel()
         return shots if len(shots) else None
+
+    def _shot_images(self) -> np.ndarray | None:
+        """The labelled frames' images in shot order, or None unless every shot has one of one
+        shape (a collection across cameras of different sizes trains pooled heads only)."""
+        imgs = [self._images.get(i) for i in self._i]
+        if not imgs or any(im is None for im in imgs):
+            return None
+        if len({(im.shape, im.dtype.str) for im in imgs if im is not None}) != 1:
+            return None
+        return np.stack(imgs)  # type: ignore[arg-type]
 
     def cancel(self) -> None:
         self.trigger = None
         self._to_request = 0
         self._pending.clear()
+        self._images.clear()
         self._x, self._y, self._i = [], [], []
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -165,6 +193,19 @@ class LabelProtocol:
             "features": np.stack(self._x)
             if self._x
             else np.zeros((0, self.feature_dim), np.float32),
+            **self._images_state(),
+        }
+
+    def _images_state(self) -> dict[str, np.ndarray]:
+        """Kept frames' images, when they all share one shape (else none are checkpointed: the
+        resumed collection trains pooled heads only, as a mixed-size one would)."""
+        keys = sorted(self._images)
+        shapes = {(self._images[i].shape, self._images[i].dtype.str) for i in keys}
+        if not keys or len(shapes) != 1:
+            return {}
+        return {
+            "image_frames": np.asarray(keys, dtype=np.int64),
+            "images": np.stack([self._images[i] for i in keys]),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -186,3 +227,8 @@ class LabelProtocol:
         self._i = [int(v) for v in np.asarray(state["frames"]).tolist()]
         if not len(self._x) == len(self._y) == len(self._i):
             raise InputError("label collection: collected frames, labels and features disagree")
+        imf = np.asarray(state.get("image_frames", np.zeros(0)), dtype=np.int64)
+        ims = state.get("images")
+        if len(imf) and (ims is None or len(ims) != len(imf)):
+            raise InputError("label collection: image frames and images disagree")
+        self._images = {int(i): np.asarray(ims[k]).copy() for k, i in enumerate(imf.tolist())}

@@ -17,6 +17,7 @@ import torch
 from edge_runtime.adapt.domains import DomainSet
 from edge_runtime.drift import pixel_statistics
 from edge_runtime.encoder import Encoder, FeatureSpec
+from edge_runtime.encoder.backend import Encoded
 from edge_runtime.errors import InputError
 
 #: Width of :func:`~edge_runtime.drift.pixel_statistics` (4 moments + a 16-bin histogram).
@@ -38,6 +39,48 @@ class Served:
     @property
     def is_ood(self) -> np.ndarray:
         return self.ood_score < 0.0
+
+
+class FrameInputs:
+    """A served batch in every adaptor's input space (see
+    :class:`~edge_runtime.adapt.domains.BatchInputs`): the taps in use come from the main
+    encoder pass; an adaptor behind an input filter costs a second pass over its frames only."""
+
+    def __init__(self, encoder: Encoder, frames: np.ndarray, encoded: Encoded) -> None:
+        self.encoder = encoder
+        self.frames = frames
+        self.features = encoded.features
+        self.maps = encoded.maps
+
+    def rows(self, tap: int | None, condition: str, mask: np.ndarray) -> np.ndarray:
+        if condition == "none" and tap is None:
+            return self.features[mask]
+        if condition == "none" and tap in self.maps:
+            m = self.maps[tap][mask]
+            return m.reshape(len(m), -1)
+        enc = self.encoder.encode(
+            self.frames[mask], taps=() if tap is None else (tap,), condition=condition
+        )
+        if tap is None:
+            return enc.features
+        m = enc.maps[tap]
+        return m.reshape(len(m), -1)
+
+
+def compact_image(frame: np.ndarray, size: int) -> np.ndarray:
+    """A frame kept for training (a label request): as it is when it is no larger than the
+    encoder's input, else resized to it (the encoder would resize it anyway; a 640x480 camera
+    frame kept 200 times would hold 180 MB)."""
+    h, w = frame.shape[:2]
+    if max(h, w) <= size:
+        return np.array(frame, copy=True)
+    t = torch.as_tensor(np.asarray(frame, dtype=np.float32))
+    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
+    out = torch.nn.functional.interpolate(t, size=(size, size), mode="area")[0]
+    arr = out[0].numpy() if frame.ndim == 2 else out.permute(1, 2, 0).numpy()
+    if frame.dtype == np.uint8:
+        return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return arr.astype(frame.dtype)
 
 
 class ServingPipeline:
@@ -91,11 +134,14 @@ class ServingPipeline:
         desc: np.ndarray | None = None
         if ok.any():
             good = frames if ok.all() else frames[ok]
-            f = self.encoder.features(good)
+            taps = self.domains.taps_in_use()
+            enc = self.encoder.encode(good, taps=taps)
+            f = enc.features
             feats[ok] = f
             routed = self.domains.route(f)
             domain[ok], score[ok], active[ok] = routed.domain, routed.score, routed.active_score
-            prediction[ok] = self.domains.predict(f, routed.domain)
+            inputs = FrameInputs(self.encoder, good, enc)
+            prediction[ok] = self.domains.predict(inputs, routed.domain)
             if descriptors and self.descriptor_slice is not None:
                 desc = feats[:, self.descriptor_slice]
             elif descriptors and good.dtype == np.uint8:
@@ -103,13 +149,24 @@ class ServingPipeline:
                 desc[ok] = pixel_statistics(good)
         return Served(feats, prediction, score, domain, active, ~ok, desc)
 
-    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(prediction, ood_score, domain) for features, with no side effects."""
+    def predict(
+        self, features: np.ndarray, frames: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prediction, ood_score, domain) for features, with no side effects. ``frames`` (the
+        same frames, finite) serve adaptors below the last layer; without them such a domain's
+        frames raise InputError."""
         features = np.ascontiguousarray(features, dtype=np.float32)
         if len(features) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
         routed = self.domains.route(features)
-        return self.domains.predict(features, routed.domain), routed.score, routed.domain
+        inputs: Any = features
+        if frames is not None:
+            frames = check_batch(frames, self.encoder.spec)
+            if len(frames) != len(features):
+                raise InputError(f"{len(frames)} frames for {len(features)} feature rows")
+            # No maps up front: each tap domain's frames are encoded at its tap on demand.
+            inputs = FrameInputs(self.encoder, frames, Encoded(features, {}))
+        return self.domains.predict(inputs, routed.domain), routed.score, routed.domain
 
 
 def check_batch(frames: Any, spec: FeatureSpec) -> np.ndarray:

@@ -36,7 +36,7 @@ import torch
 from edge_runtime.adapt.bundle import export_domain, hdc_fingerprint
 from edge_runtime.adapt.controller import AdaptationController
 from edge_runtime.adapt.domains import BASE_DOMAIN, DomainSet
-from edge_runtime.adapt.executor import AdaptationExecutor
+from edge_runtime.adapt.executor import AdaptationExecutor, GrowthBudget
 from edge_runtime.adapt.init import Initializer, PrototypeInit
 from edge_runtime.adapt.planner import (
     KNOWN_DOMAIN,
@@ -57,7 +57,7 @@ from edge_runtime.errors import InputError
 from edge_runtime.events import EventLog
 from edge_runtime.hdc.bank import DomainMemoryBank
 from edge_runtime.labels import LabelProtocol
-from edge_runtime.pipeline import ServingPipeline, check_batch
+from edge_runtime.pipeline import ServingPipeline, check_batch, compact_image
 from edge_runtime.state import load_checkpoint, save_checkpoint
 from edge_runtime.state.codec import CHECKPOINT_KIND, StateParts, decode, encode, read_header
 
@@ -74,6 +74,8 @@ __all__ = [
     "make_registry",
 ]
 
+#: How long a checkpoint waits for a domain build (search + memory) in flight.
+BUILD_WAIT_S = 120.0
 #: Base-domain features kept per class for replay in every new head's training set.
 BASE_REPLAY_PER_CLASS = 500
 
@@ -143,7 +145,7 @@ class Runtime:
         # Plug points: zero-shot NAS picks the architecture, a (meta-learned) initialiser the
         # starting weights. Defaults: a linear head started at the class prototypes.
         self.executor = AdaptationExecutor(
-            search if search is not None else FixedArchitecture(),
+            search if search is not None else make_search(cfg, self.encoder),
             initializer if initializer is not None else PrototypeInit(),
             steps=cfg.adapt.steps,
             lr=cfg.adapt.lr,
@@ -153,6 +155,13 @@ class Runtime:
             timeout_s=cfg.adapt.job_timeout_s,
             replay_per_class=replay_per_class,
             base_replay_per_class=base_replay_per_class,
+            encoder=self.encoder,
+            budget=GrowthBudget(
+                max_params=cfg.adapt.max_adaptor_params,
+                max_macs=cfg.adapt.max_adaptor_macs,
+                max_latency_ms=cfg.adapt.max_adaptor_latency_ms,
+                max_total_params=cfg.adapt.max_total_params,
+            ),
         )
         self.controller = AdaptationController(
             self.domains_set,
@@ -258,7 +267,11 @@ class Runtime:
         if len(self.domains_set):
             raise InputError("the base domain is already fitted")
         features, labels = self.pipeline.labelled_features(images, labels, features)
-        built = self.executor.build_base(features, labels, self.domains_set.bank)
+        kept = check_batch(images, self.encoder.spec) if images is not None else None
+        built = self.executor.build_base(features, labels, self.domains_set.bank, kept)
+        if built.replay_images is not None:
+            size = self.encoder.spec.input_size
+            built.replay_images = np.stack([compact_image(f, size) for f in built.replay_images])
         self.domains_set.install_new(
             BASE_DOMAIN,
             built.adaptor,
@@ -268,6 +281,7 @@ class Runtime:
             origin="base",
             name="base",
             replay=built.replay,
+            replay_images=built.replay_images,
         )
         descriptors = self.pipeline.descriptors_of(features, images)
         if descriptors is not None:
@@ -295,6 +309,7 @@ class Runtime:
         # batch, a few frames later than the flag, of the same drift.
         ok = ~served.rejected
         self.signature.update(served.features[ok], is_ood[ok])
+        self.domains_set.registry.count_served(served.domain[ok])
         for j in np.flatnonzero(served.rejected):
             self.events.emit(
                 "frame_rejected", int(indices[j]), reason="frame has NaN or Inf values"
@@ -305,7 +320,13 @@ class Runtime:
             if served.rejected[j]:
                 continue
             i = int(indices[j])
-            label_request[j] = self.labels.request(i, served.features[j])
+            label_request[j] = (
+                self.labels.request(
+                    i, served.features[j], compact_image(frames[j], self.encoder.spec.input_size)
+                )
+                if self.labels.wants_more
+                else False
+            )
             if self.monitor.paused:
                 continue
             ev = self.monitor.update(
@@ -339,12 +360,16 @@ class Runtime:
     def predict_eval(
         self, frames: np.ndarray | None = None, *, features: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(prediction, ood_score, domain) for frames or features, with no side effects."""
+        """(prediction, ood_score, domain) for frames or features, with no side effects.
+
+        Features alone serve adaptors on pooled features; give the frames too (features, when
+        given, skip their encoding) when a domain's adaptor reads an intermediate tap."""
         if features is None:
             if frames is None:
                 raise InputError("predict_eval needs frames or features")
-            features = self.encoder.features(check_batch(frames, self.encoder.spec))
-        return self.pipeline.predict(features)
+            frames = check_batch(frames, self.encoder.spec)
+            features = self.encoder.features(frames)
+        return self.pipeline.predict(features, frames)
 
     # -------------------------------------------------------------------------------- labels
     def request_adaptation(self, kind: str = DOMAIN_SHIFT, frame: int | None = None) -> None:
@@ -427,7 +452,9 @@ class Runtime:
 
     def state_dict(self) -> dict[str, Any]:
         """The whole state. Finished work is installed first; training still running is saved
-        as a job to re-queue, so saving never waits on it."""
+        as a job to re-queue, so saving never waits on it. A domain still being built (the
+        search: seconds) is waited for, as it holds the shots its labels paid for."""
+        self.executor.wait(BUILD_WAIT_S, builds_only=True)
         self.controller.install(self.frames_seen)
         return encode(self._parts())
 
@@ -502,7 +529,30 @@ def make_monitor(config: RuntimeConfig) -> DriftMonitor:
 
 
 def make_registry(config: RuntimeConfig) -> DomainRegistry:
-    return DomainRegistry(max_adaptors=config.adapt.max_adaptors)
+    return DomainRegistry(max_adaptors=config.adapt.max_adaptors, eviction=config.adapt.eviction)
+
+
+def make_search(config: RuntimeConfig, encoder: Encoder) -> ArchitectureSearch:
+    """The architecture plug point the config asks for: the zero-shot search over the default
+    space for this encoder (``adapt.nas``), else the fixed linear head."""
+    if not config.adapt.nas:
+        return FixedArchitecture()
+    from edge_runtime.adapt.nas import DEFAULT_PROXY, LatencyTable, ZeroShotSearch
+
+    a = config.adapt
+    timed = a.max_adaptor_latency_ms is not None
+    if timed:
+        from edge_runtime.encoder.backend import encoder_ms_per_frame
+
+    return ZeroShotSearch(
+        proxy=a.nas_proxy or DEFAULT_PROXY,
+        seed=config.hdc.seed,
+        # Latency is measured (once per device, cached) only when the profile limits it; an
+        # input filter's candidate also pays a second encoder pass per routed frame.
+        latency=LatencyTable() if timed else None,
+        encoder_ms_per_frame=encoder_ms_per_frame(encoder) if timed else 0.0,
+        input_size=encoder.spec.input_size,
+    )
 
 
 def build_encoder(config: RuntimeConfig) -> Encoder:

@@ -9,6 +9,7 @@ same classes under heavy fog, on disjoint frames.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -21,6 +22,12 @@ from edge_runtime.data import load_fashion_mnist
 from edge_runtime.data.corruptions import corrupt
 from edge_runtime.drift.signature import similarity
 from edge_runtime.errors import InputError
+from edge_runtime.fleet.payloads import (
+    MAX_REASON_CHARS,
+    SCHEMA_VERSION,
+    CommandMessage,
+    PayloadError,
+)
 from edge_runtime.runtime import Runtime, build_encoder
 
 CFG = RuntimeConfig().with_overrides(
@@ -316,3 +323,57 @@ def test_drift_events_carry_a_signature_that_matches_the_same_domain(
     assert same > 0.88 and similarity(b, export["signature"], bits) > 0.88
     assert similarity(noise, a, bits) < same - 0.1
     assert similarity(noise, export["signature"], bits) < similarity(b, export["signature"], bits)
+
+
+# ------------------------------------------------------------------------------ expire_labels
+
+
+def _expire_payload(args: dict, cid: str = "exp-l") -> str:
+    return json.dumps(
+        {"schema": SCHEMA_VERSION, "command": "expire_labels", "args": args, "id": cid}
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"trigger_frame": "175"}, "field 'trigger_frame' must be int"),
+        ({"trigger_frame": 17.5}, "field 'trigger_frame' must be int"),
+        ({"trigger_frame": True}, "field 'trigger_frame' must be int"),
+        ({"trigger_frame": -1}, "trigger_frame must be a non-negative frame"),
+        ({"reason": 3}, "field 'reason' must be str"),
+        ({"reason": "x" * (MAX_REASON_CHARS + 1)}, "reason is 201 characters"),
+        ({"reason": "deadline", "domain": 1}, "takes no argument(s) ['domain']"),
+    ],
+)
+def test_malformed_expire_labels_is_refused_with_a_clear_error(args: dict, message: str) -> None:
+    with pytest.raises(PayloadError, match=re.escape(message)):
+        CommandMessage.from_json(_expire_payload(args))
+    # Well-formed: both arguments are optional.
+    assert CommandMessage.from_json(_expire_payload({})).args == {}
+
+
+def test_expire_labels_from_the_fleet_reaches_the_runtime(encoder, data) -> None:
+    rt, events = _flagged(encoder, data)
+    (flag,) = [e for e in events if e["type"] == "drift"]
+    assert rt.wants_labels()
+    # A command naming another flag leaves the collection alone.
+    other = CommandMessage.from_json(_expire_payload({"trigger_frame": flag["frame"] + 1}, "x1"))
+    fut = rt.commands.submit(other.command, command_id=other.id, **other.args)
+    rt.run_commands()
+    assert fut.result(0) is None and rt.wants_labels()
+    msg = CommandMessage.from_json(
+        _expire_payload({"reason": "operator deadline", "trigger_frame": flag["frame"]}, "x2")
+    )
+    fut = rt.commands.submit(msg.command, command_id=msg.id, **msg.args)
+    rt.run_commands()
+    res = fut.result(0)
+    assert res is not None and res["reason"] == "operator deadline"
+    assert res["trigger_frame"] == flag["frame"] and res["labels"] == 0 and not res["adapted"]
+    assert not rt.wants_labels()  # the monitor watches the stream again
+    drained = rt.drain_events()
+    assert [e["type"] for e in drained if e["type"] == "label_collection_expired"] == [
+        "label_collection_expired"
+    ]
+    done = [e for e in drained if e["type"] == "command_done"]
+    assert [d["command_id"] for d in done] == ["x1", "x2"]

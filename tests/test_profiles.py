@@ -396,7 +396,7 @@ def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     claims.write_text("adapt:\n  nas: true\n  meta_init: true\n")
     assert _cli(["profile", "validate", str(claims)]) == 2
     err = capsys.readouterr().err
-    assert "adapt.nas: not implemented yet" in err
+    assert "adapt.nas" not in err
     assert "adapt.meta_init: not implemented yet" in err
 
 
@@ -428,6 +428,6 @@ def test_cli_through_main_entry_point(capsys: pytest.CaptureFixture[str]) -> Non
     # A subcommand module that fails to import must fail this test, not skip it.
     cli.build_parser()
     assert cli.main(["profile", "validate", *sorted(EXPECTED)]) == 0
-    assert cli.main(["profile", "show", "x86-dev", "--set", "adapt.nas=true"]) == 2
-    assert "adapt.nas: not implemented yet" in capsys.readouterr().err
+    assert cli.main(["profile", "show", "x86-dev", "--set", "adapt.meta_init=true"]) == 2
+    assert "adapt.meta_init: not implemented yet" in capsys.readouterr().err
     assert cli.main(["profile", "show", "no-such-board"]) == 2

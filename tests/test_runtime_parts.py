@@ -129,7 +129,7 @@ def test_planner_returns_grows_or_refuses_on_memory(encoder, feats, data) -> Non
 
 
 class _BlockingSearch:
-    """Blocks on the worker thread until released (phase one, on the caller's thread, passes)."""
+    """Blocks on the worker thread until released (the build runs there, search included)."""
 
     name = "fixed"
 
@@ -137,23 +137,27 @@ class _BlockingSearch:
         self.release = threading.Event()
         self.entered = threading.Event()
 
-    def search(self, features, labels, label_map, budget=None) -> SearchResult:
+    def search(self, inputs, labels, label_map, budget=None) -> SearchResult:
+        x = inputs.get(None) if hasattr(inputs, "get") else inputs
         if threading.current_thread().name.startswith("edge-adapt"):
             self.entered.set()
             self.release.wait(20)
-        return SearchResult(AdaptorArch("linear", features.shape[1]), self.name)
+        return SearchResult(AdaptorArch("linear", x.shape[1]), self.name)
 
 
-class _FailingSearch:
-    name = "fixed"
+class _FailingInit(PrototypeInit):
+    """Raises on its ``fail_at``-th call (0: the build's initialised head, 1: the training
+    job's; None: every call)."""
 
-    def __init__(self, on_worker_only: bool) -> None:
-        self.on_worker_only = on_worker_only
+    def __init__(self, fail_at: int | None) -> None:
+        super().__init__()
+        self.fail_at, self.calls = fail_at, 0
 
-    def search(self, features, labels, label_map, budget=None) -> SearchResult:
-        if not self.on_worker_only or threading.current_thread().name.startswith("edge-adapt"):
-            raise RuntimeError("search exploded")
-        return SearchResult(AdaptorArch("linear", features.shape[1]), self.name)
+    def init(self, adaptor, features, labels) -> None:
+        call, self.calls = self.calls, self.calls + 1
+        if self.fail_at is None or call == self.fail_at:
+            raise RuntimeError("init exploded")
+        super().init(adaptor, features, labels)
 
 
 def _train_set(feats, data) -> TrainSet:
@@ -182,7 +186,7 @@ def test_executor_timeout_and_cancel_are_reported_and_honoured(feats, data) -> N
 
 
 def test_executor_failure_keeps_its_traceback_and_queues_the_next(feats, data, caplog) -> None:
-    ex = _executor(search=_FailingSearch(on_worker_only=True))
+    ex = _executor(initializer=_FailingInit(None))
     ex.requeue([(1, _train_set(feats, data)), (2, _train_set(feats, data))])
     assert ex.busy
     assert ex.wait(30)
@@ -190,8 +194,8 @@ def test_executor_failure_keeps_its_traceback_and_queues_the_next(feats, data, c
     ex.wait(30)
     failed += ex.poll()
     assert [(f.domain_id, f.where) for f in failed] == [(1, "train"), (2, "train")]
-    assert "search exploded" in failed[0].error
-    assert "Traceback" in caplog.text and "search exploded" in caplog.text
+    assert "init exploded" in failed[0].error
+    assert "Traceback" in caplog.text and "init exploded" in caplog.text
 
 
 # ------------------------------------------------------------------------------------ runtime
@@ -215,37 +219,41 @@ def test_background_adaptation_swaps_the_trained_head_without_waiting(encoder, d
     rt.fit_base(data["train_x"], data["train_y"])
     events = _serve(rt, data, 0, len(data["stream_x"]))
     types = [e["type"] for e in events]
-    # Phase one installed the new domain while its head was still blocked on the worker:
-    # serving went on to the end of the stream without waiting for it.
-    assert "adaptation_finished" in types and "adaptor_trained" not in types
-    assert search.entered.is_set() and rt.executor.busy
-    before = rt.registry.get(1).adaptor
+    # The build (search, memory, initialised head) was blocked on the worker: serving went on
+    # to the end of the stream without waiting for it, and nothing was installed yet.
+    assert "adaptation_started" in types and "adaptation_finished" not in types
+    assert search.entered.is_set() and rt.executor.busy and rt.executor.building
+    assert sorted(rt.domains) == [0]
     search.release.set()
-    assert rt.wait_idle(30)
+    assert rt.wait_idle(60)
     events = _serve(rt, data, 320, 352)
+    types = [e["type"] for e in events]
+    # Both phases finished while serving went on; they install in order at the next batch.
+    assert types.index("adaptation_finished") < types.index("adaptor_trained")
     trained = [e for e in events if e["type"] == "adaptor_trained"]
     assert len(trained) == 1 and trained[0]["domain"] == 1 and trained[0]["train"]["steps"] > 0
-    assert rt.registry.get(1).adaptor is not before
+    assert sorted(rt.domains) == [0, 1]
     rt.close()
 
 
-@pytest.mark.parametrize("on_worker_only", [True, False])
+@pytest.mark.parametrize("fail_at", [None, 1])
 def test_failed_adaptation_is_an_error_event_and_serving_goes_on(
-    encoder, data, on_worker_only: bool
+    encoder, data, fail_at: int | None
 ) -> None:
-    rt = Runtime(CFG, encoder, background=True, search=_FailingSearch(on_worker_only))
-    rt.executor.search = FixedArchitecture()  # the base head is built normally
-    rt.fit_base(data["train_x"], data["train_y"])
-    rt.executor.search = _FailingSearch(on_worker_only)
+    """None: every build fails (no domain comes of any flag); 1: the build passes and its
+    training job fails (the initialised head keeps serving)."""
+    rt = Runtime(CFG, encoder, background=True, search=FixedArchitecture())
+    rt.fit_base(data["train_x"], data["train_y"])  # the base head is built normally
+    rt.executor.initializer = _FailingInit(fail_at)
     events = _serve(rt, data, 0, len(data["stream_x"]))
-    rt.wait_idle(30)
+    rt.wait_idle(60)
     events += _serve(rt, data, 320, 360)
     errors = [e for e in events if e["type"] == "error"]
-    assert errors and "search exploded" in errors[0]["message"]
-    where = "adaptation:train" if on_worker_only else "adaptation:build"
+    assert errors and "init exploded" in errors[0]["message"]
+    where = "adaptation:build" if fail_at is None else "adaptation:train"
     assert errors[0]["where"] == where
     # A training failure leaves the initialised head serving; a build failure no new domain.
-    assert sorted(rt.domains) == ([0, 1] if on_worker_only else [0])
+    assert sorted(rt.domains) == ([0] if fail_at is None else [0, 1])
     assert not rt.adapting
     rt.close()
 
@@ -346,7 +354,7 @@ def test_checkpoint_keeps_the_monitor_window_and_refuses_other_plug_points(
     class OtherSearch(FixedArchitecture):
         name = "zero-shot-nas"
 
-    with pytest.raises(CheckpointError, match="search 'fixed'"):
+    with pytest.raises(CheckpointError, match="search 'zero-shot'"):
         Runtime.load(path, encoder, background=False, search=OtherSearch())
 
 

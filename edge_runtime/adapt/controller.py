@@ -186,7 +186,7 @@ class AdaptationController:
             else bundle.domain.get("id"),
             "sha256": bundle.sha256,
         }
-        refused = self._adopt_refusal()
+        refused = self._adopt_refusal() or self.executor.serving_refusal(bundle.adaptor.arch)
         new_id = ds.registry.next_id()
         bank = ds.bank_copy()
         if refused is None:
@@ -323,7 +323,8 @@ class AdaptationController:
             classes=sorted({int(v) for v in shots.labels}),
             domain=new_id,
         )
-        plan = self.planner.plan(shots, self.domains, new_id)
+        inputs = self.executor.shot_inputs(shots.features, shots.images)
+        plan = self.planner.plan(shots, self.domains, new_id, inputs)
         if plan.action == RETURN:
             self._return_to(
                 self.position,
@@ -367,9 +368,15 @@ class AdaptationController:
         assert isinstance(done, DomainBuilt)
         t = done.trigger
         if done.plan.action == EXTEND:
-            ds.install_version(done.domain_id, done.adaptor, done.bank, replay=done.replay)
+            ds.install_version(
+                done.domain_id,
+                done.adaptor,
+                done.bank,
+                replay=done.replay,
+                replay_images=done.replay_images,
+            )
         else:
-            ds.install_new(
+            evicted = ds.install_new(
                 done.domain_id,
                 done.adaptor,
                 done.bank,
@@ -377,7 +384,17 @@ class AdaptationController:
                 kind=t.kind,
                 metadata={"trigger_frame": t.frame},
                 replay=done.replay,
+                replay_images=done.replay_images,
             )
+            for ev in evicted:
+                self.events.emit(
+                    "domain_evicted",
+                    frame,
+                    domain=ev.evicted.id,
+                    name=ev.evicted.name,
+                    served=ev.evicted.served,
+                    reason=ev.reason,
+                )
         self.adapting = False
         self.events.emit(
             "adaptation_finished", frame, trigger_frame=t.frame, kind=t.kind, **done.report

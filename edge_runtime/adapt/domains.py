@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from edge_runtime.adapt.adaptor import Adaptor
 from edge_runtime.adapt.registry import Domain, DomainRegistry
 from edge_runtime.adapt.router import Router
-from edge_runtime.errors import CheckpointError
+from edge_runtime.errors import CheckpointError, InputError
 from edge_runtime.hdc.bank import DomainMemoryBank
 
 BASE_DOMAIN = 0
@@ -34,6 +34,31 @@ class Routed:
     @property
     def is_ood(self) -> np.ndarray:
         return self.score < 0.0
+
+
+class BatchInputs(Protocol):
+    """A served batch in every adaptor's input space: pooled features, the encoder's maps at a
+    tap, or either after an input filter (a second encoder pass over the frames that need it)."""
+
+    features: np.ndarray
+
+    def rows(self, tap: int | None, condition: str, mask: np.ndarray) -> np.ndarray: ...
+
+
+class PooledOnly:
+    """Features without frames: enough for adaptors on pooled features, and a clear error for
+    one below the last layer."""
+
+    def __init__(self, features: np.ndarray) -> None:
+        self.features = features
+
+    def rows(self, tap: int | None, condition: str, mask: np.ndarray) -> np.ndarray:
+        if tap is not None or condition != "none":
+            raise InputError(
+                f"an adaptor on encoder tap {tap} (input filter {condition!r}) needs the frames, "
+                "not only their pooled features"
+            )
+        return self.features[mask]
 
 
 class DomainSet:
@@ -61,15 +86,28 @@ class DomainSet:
         active = scores[:, col[0]] if len(col) else np.full(len(scores), -np.inf, np.float32)
         return Routed(dec.domain, dec.score, active)
 
-    def predict(self, features: np.ndarray, domain: np.ndarray) -> np.ndarray:
-        """Each frame's prediction by the adaptor of the domain it was routed to."""
-        out = np.full(len(features), -1, dtype=np.int64)
+    def predict(self, inputs: BatchInputs | np.ndarray, domain: np.ndarray) -> np.ndarray:
+        """Each frame's prediction by the adaptor of the domain it was routed to, on that
+        adaptor's own input (``inputs``; plain features serve pooled-feature adaptors only)."""
+        if isinstance(inputs, np.ndarray):
+            inputs = PooledOnly(inputs)
+        out = np.full(len(inputs.features), -1, dtype=np.int64)
         adaptors = {d.id: d.adaptor for d in self.registry}
         for d in np.unique(domain):
             if int(d) in adaptors:
                 m = domain == d
-                out[m] = adaptors[int(d)].predict(features[m])
+                arch = adaptors[int(d)].arch
+                out[m] = adaptors[int(d)].predict(inputs.rows(arch.tap, arch.condition, m))
         return out
+
+    def taps_in_use(self) -> tuple[int, ...]:
+        """Encoder taps that serving adaptors read unfiltered (computed in the main pass)."""
+        taps = {
+            d.adaptor.arch.tap
+            for d in self.registry
+            if d.adaptor.arch.tap is not None and d.adaptor.arch.condition == "none"
+        }
+        return tuple(sorted(t for t in taps if t is not None))
 
     def bank_copy(self) -> DomainMemoryBank:
         return copy.deepcopy(self.bank)
@@ -97,11 +135,13 @@ class DomainSet:
         metadata: dict[str, Any] | None = None,
         replay: tuple[np.ndarray, np.ndarray] | None = None,
         activate: bool = True,
-    ) -> None:
+        replay_images: np.ndarray | None = None,
+    ) -> list[Any]:
         """Register ``domain_id``'s adaptor and swap in ``bank`` (which holds its memory);
         ``activate=False`` keeps the active domain (a shared domain no frame here has asked for
-        yet)."""
-        self.registry.add(
+        yet). Returns the domains evicted to make room (registry policy ``adapt.eviction``);
+        their memories leave the bank with them."""
+        _, evicted = self.registry.add(
             adaptor,
             domain_id=domain_id,
             name=name,
@@ -110,10 +150,17 @@ class DomainSet:
             kind=kind,
             metadata=metadata or {},
             replay=replay,
+            replay_images=replay_images,
         )
+        for ev in evicted:
+            if ev.evicted.id in bank.domain_ids:
+                bank.remove_domain(ev.evicted.id)
+            if self.active == ev.evicted.id:
+                self.active = BASE_DOMAIN
         self.bank = bank
         if activate:
             self.active = domain_id
+        return evicted
 
     def install_version(
         self,
@@ -121,8 +168,9 @@ class DomainSet:
         adaptor: Adaptor,
         bank: DomainMemoryBank,
         replay: tuple[np.ndarray, np.ndarray] | None = None,
+        replay_images: np.ndarray | None = None,
     ) -> None:
-        self.registry.update_adaptor(domain_id, adaptor, replay=replay)
+        self.registry.update_adaptor(domain_id, adaptor, replay=replay, replay_images=replay_images)
         self.bank = bank
         self.active = domain_id
 

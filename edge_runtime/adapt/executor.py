@@ -16,6 +16,14 @@ both phases run at once (deterministic results for tests and benchmarks).
 Training rows: every new head is trained on its shots plus the base domain's class-balanced
 replay buffer (shots up-weighted to the same total), so base frames the router sends to a new
 domain by mistake (near-OOD confusion of the frozen features) still get the right label.
+
+Architecture: the search runs once, in phase one, on the shots in every candidate family's input
+space (pooled features, or an intermediate tap of the encoder, optionally after an input
+filter: :class:`~edge_runtime.adapt.search.CandidateInputs` encodes the shots' frames lazily, one
+encoder pass per tap and filter). The chosen architecture travels with the training job, so
+phase two trains what phase one installed. An adaptor below the last layer trains on replay
+rows of its own input space: a smaller class-balanced sample of the replay buffer's frames
+(``TAP_REPLAY_PER_CLASS``), encoded at the tap.
 """
 
 from __future__ import annotations
@@ -29,12 +37,19 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.adapt.adaptor import Adaptor, build_adaptor, train_adaptor
+from edge_runtime.adapt.adaptor import Adaptor, AdaptorArch, build_adaptor, train_adaptor
 from edge_runtime.adapt.domains import BASE_DOMAIN, DomainSet
 from edge_runtime.adapt.init import Initializer
 from edge_runtime.adapt.planner import EXTEND, GROW, Plan
-from edge_runtime.adapt.replay import balanced_sample, merge_replay
-from edge_runtime.adapt.search import ArchitectureSearch
+from edge_runtime.adapt.replay import balanced_indices
+from edge_runtime.adapt.search import (
+    ArchitectureSearch,
+    ArrayInputs,
+    CandidateInputs,
+    EncodedInputs,
+    FixedArchitecture,
+    SearchBudget,
+)
 from edge_runtime.adapt.worker import AdaptationWorker, JobResult
 from edge_runtime.errors import InputError
 from edge_runtime.hdc.bank import DomainMemoryBank
@@ -47,15 +62,48 @@ log = logging.getLogger(__name__)
 #: fewer steps (at least ``MIN_JOB_STEPS``).
 JOB_ROW_STEPS = 160_000
 MIN_JOB_STEPS = 50
+#: Replay frames per class re-encoded for an adaptor on an intermediate tap (each costs an
+#: encoder pass, and a tap row is up to 6,144 floats where a pooled one is 1,304).
+TAP_REPLAY_PER_CLASS = 100
 
 
 @dataclass
 class TrainSet:
-    """Rows a head is trained on: shots plus replay, with per-row weights."""
+    """Rows a head is trained on (shots plus replay, in the adaptor's input space), with per-row
+    weights, and the architecture the search chose (None: a job from an older checkpoint, whose
+    rows are pooled features; the search runs again on them)."""
 
     features: np.ndarray
     labels: np.ndarray
     weight: np.ndarray | None
+    arch: AdaptorArch | None = None
+
+
+@dataclass(frozen=True)
+class GrowthBudget:
+    """The profile's limits on a new adaptor: each one's parameters, MACs and latency per frame,
+    and all adaptors' parameters together."""
+
+    max_params: int | None = None
+    max_macs: int | None = None
+    max_latency_ms: float | None = None
+    max_total_params: int | None = None
+
+    def for_domains(self, domains: DomainSet, replacing: int | None = None) -> SearchBudget:
+        """What the next adaptor may use given those held (``replacing``: a domain whose
+        adaptor the new one replaces, as an extension does)."""
+        cap = self.max_params
+        if self.max_total_params is not None:
+            held = sum(
+                sum(p.numel() for p in d.adaptor.parameters())
+                for d in domains.registry
+                if d.id != replacing
+            )
+            left = max(0, self.max_total_params - held)
+            cap = left if cap is None else min(cap, left)
+        return SearchBudget(
+            max_params=cap, max_macs=self.max_macs, max_latency_ms=self.max_latency_ms
+        )
 
 
 @dataclass
@@ -70,6 +118,7 @@ class DomainBuilt:
     replay: tuple[np.ndarray, np.ndarray]
     report: dict[str, Any]
     train_set: TrainSet | None  # None when the head was trained in phase one
+    replay_images: np.ndarray | None = None
 
 
 @dataclass
@@ -89,15 +138,38 @@ class JobFailed:
 Finished = DomainBuilt | HeadTrained | JobFailed
 
 
-def with_replay(x: np.ndarray, y: np.ndarray, rx: np.ndarray, ry: np.ndarray) -> TrainSet:
+@dataclass
+class BuildContext:
+    """A grow/extend plan with what its build needs from the serving state (see _prepare)."""
+
+    plan: Plan
+    shots: Shots
+    replay: tuple[np.ndarray, np.ndarray]
+    replay_images: np.ndarray | None
+    budget: SearchBudget
+    bank: DomainMemoryBank
+    version: int
+
+
+def with_replay(
+    x: np.ndarray,
+    y: np.ndarray,
+    rx: np.ndarray,
+    ry: np.ndarray,
+    arch: AdaptorArch | None = None,
+) -> TrainSet:
     """Shots + replay, weighted so both halves count the same (a few hundred shots would
     otherwise drown under thousands of replayed features)."""
     if len(ry) == 0:
-        return TrainSet(x, y, np.full(len(y), 1.0 / max(len(y), 1), np.float32))
+        return TrainSet(x, y, np.full(len(y), 1.0 / max(len(y), 1), np.float32), arch)
     w = np.concatenate(
         [np.full(len(ry), 0.5 / max(len(ry), 1)), np.full(len(y), 0.5 / max(len(y), 1))]
     )
-    return TrainSet(np.concatenate([rx, x]), np.concatenate([ry, y]), w.astype(np.float32))
+    return TrainSet(np.concatenate([rx, x]), np.concatenate([ry, y]), w.astype(np.float32), arch)
+
+
+def _select(images: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if images is None else np.ascontiguousarray(images[idx])
 
 
 class AdaptationExecutor:
@@ -114,9 +186,15 @@ class AdaptationExecutor:
         timeout_s: float | None = None,
         replay_per_class: int = 50,
         base_replay_per_class: int = 500,
+        encoder: Any = None,
+        budget: GrowthBudget | None = None,
     ) -> None:
         self.search = search
         self.initializer = initializer
+        # Encodes shot and replay frames at a tap for adaptors below the last layer; without it
+        # (features-only callers) only pooled-feature families can be trained.
+        self.encoder = encoder
+        self.budget = budget or GrowthBudget()
         self.steps, self.lr, self.seed = int(steps), float(lr), int(seed)
         self.threads = threads
         self.background = background
@@ -125,10 +203,52 @@ class AdaptationExecutor:
         self.base_replay_per_class = int(base_replay_per_class)
         self._ready: deque[Finished] = deque()
         self._queue: deque[tuple[int, TrainSet]] = deque()
+        self._builds: deque[BuildContext] = deque()  # before any training: they install domains
         self._running: tuple[int, TrainSet] | None = None
+        self._building: BuildContext | None = None
         self._worker: AdaptationWorker | None = None
 
     # -- heads ---------------------------------------------------------------------------------
+    def shot_inputs(self, features: np.ndarray, images: np.ndarray | None) -> CandidateInputs:
+        """Labelled rows in every family's input space (frames encoded lazily at a tap)."""
+        if (
+            images is None
+            or self.encoder is None
+            or not getattr(self.encoder.backend, "supports_taps", False)
+        ):
+            # No frames, or a backend without taps (a user's TorchScript, an ONNX export made
+            # before taps): the families on pooled features are all there is.
+            return ArrayInputs(np.ascontiguousarray(features, dtype=np.float32))
+        return EncodedInputs(self.encoder, images, np.ascontiguousarray(features, np.float32))
+
+    def serving_refusal(self, arch: AdaptorArch) -> str | None:
+        """Why this device could not serve an adaptor of ``arch`` (a shipped one), or None."""
+        if arch.tap is None:
+            return None
+        backend = getattr(self.encoder, "backend", None)
+        if backend is None or not getattr(backend, "supports_taps", False):
+            name = getattr(backend, "name", "none")
+            return (
+                f"the adaptor reads encoder tap {arch.tap}, which this device's encoder "
+                f"backend ({name}) does not export"
+            )
+        return None
+
+    def choose(
+        self,
+        inputs: CandidateInputs,
+        labels: np.ndarray,
+        label_map: list[int],
+        budget: SearchBudget | None = None,
+    ) -> tuple[AdaptorArch, dict[str, Any]]:
+        """The search plug point: an architecture for these shots, and its report."""
+        found = self.search.search(inputs, labels, label_map, budget)
+        report: dict[str, Any] = {"arch": found.arch.to_dict(), "search": found.method}
+        extra = getattr(found, "report", None)
+        if extra:
+            report["search_report"] = extra
+        return found.arch, report
+
     def train_head(
         self,
         train: TrainSet,
@@ -138,16 +258,21 @@ class AdaptationExecutor:
         cancel: Any = None,
         threads: int | None = None,
     ) -> tuple[Adaptor, dict[str, Any]]:
-        """Architecture (search plug point), initialisation (init plug point), ``steps`` steps
-        of training (0: the initialised head)."""
+        """Initialisation (init plug point) and ``steps`` steps of training (0: the initialised
+        head) of ``train.arch`` on the train set's rows (which are in that arch's input space).
+        A set without an arch (an older checkpoint's job: pooled rows) is searched first."""
         x, y = train.features, train.labels
         label_map = sorted({int(v) for v in y})
-        found = self.search.search(x, y, label_map)
-        adaptor = build_adaptor(found.arch, label_map, seed=self.seed + domain_id)
+        report: dict[str, Any] = {}
+        arch = train.arch
+        if arch is None:
+            arch, report = self.choose(ArrayInputs(x), y, label_map)
+        arch = arch.with_in_dim(x.shape[1])
+        adaptor = build_adaptor(arch, label_map, seed=self.seed + domain_id)
         self.initializer.init(adaptor, x, y)
-        report: dict[str, Any] = {
-            "arch": found.arch.to_dict(),
-            "search": found.method,
+        report = {
+            "arch": arch.to_dict(),
+            **{k: v for k, v in report.items() if k != "arch"},
             "init": self.initializer.name,
             "labels": label_map,
         }
@@ -173,18 +298,39 @@ class AdaptationExecutor:
         return min(self.steps, max(MIN_JOB_STEPS, JOB_ROW_STEPS // max(rows, 1)))
 
     def build_base(
-        self, features: np.ndarray, labels: np.ndarray, bank: DomainMemoryBank
+        self,
+        features: np.ndarray,
+        labels: np.ndarray,
+        bank: DomainMemoryBank,
+        images: np.ndarray | None = None,
     ) -> DomainBuilt:
-        """The base domain, trained in full now (it is what serving starts from)."""
+        """The base domain, trained in full now (it is what serving starts from).
+
+        Its head is always the fixed linear one on pooled features, whatever the search plug
+        point: thousands of labels make the linear head strong, and a tap adaptor on the base
+        would cost every frame the device serves. ``images`` (the training frames) feed the
+        replay that adaptors below the last layer train on."""
         t0 = time.perf_counter()
-        train = TrainSet(features, labels, None)
+        label_map = sorted({int(v) for v in labels})
+        arch = FixedArchitecture().search(ArrayInputs(features), labels, label_map).arch
+        train = TrainSet(features, labels, None, arch)
         adaptor, report = self.train_head(train, BASE_DOMAIN, threads=self.threads)
+        report["search"] = "fixed (base)"
         report["threshold"] = float(bank.add_domain(BASE_DOMAIN, features, labels))
-        replay = balanced_sample(features, labels, self.base_replay_per_class, self.seed)
+        idx = balanced_indices(labels, self.base_replay_per_class, self.seed)
+        replay = (np.ascontiguousarray(features[idx]), np.asarray(labels)[idx].copy())
         report["seconds"] = time.perf_counter() - t0
         base = Trigger(-1, "base", {})
         return DomainBuilt(
-            Plan(GROW, BASE_DOMAIN), base, BASE_DOMAIN, adaptor, bank, replay, report, None
+            Plan(GROW, BASE_DOMAIN),
+            base,
+            BASE_DOMAIN,
+            adaptor,
+            bank,
+            replay,
+            report,
+            None,
+            _select(images, idx),
         )
 
     # -- plans ---------------------------------------------------------------------------------
@@ -193,36 +339,87 @@ class AdaptationExecutor:
         if plan.action not in (GROW, EXTEND):
             raise InputError(f"the executor carries out grow and extend plans, not {plan.action}")
         try:
-            built = self._build(plan, shots, domains)
+            ctx = self._prepare(plan, shots, domains)
+            if self.background:
+                # The search encodes the shots at taps and scores every candidate: seconds,
+                # not the tens of milliseconds the serving thread can spare. The worker builds;
+                # the domain installs at the first batch after.
+                self._builds.append(ctx)
+                self._start_next()
+                return
+            built = self._build(ctx, threads=self.threads)
         except Exception as exc:
             log.error("adaptation (phase one) failed:\n%s", traceback.format_exc())
             self._ready.append(JobFailed("build", f"{type(exc).__name__}: {exc}", plan.domain_id))
             return
         self._ready.append(built)
-        if built.train_set is not None:
-            self._queue.append((built.domain_id, built.train_set))
-            self._start_next()
 
-    def _build(self, plan: Plan, shots: Shots, domains: DomainSet) -> DomainBuilt:
+    def _prepare(self, plan: Plan, shots: Shots, domains: DomainSet) -> BuildContext:
+        """What a build reads from the serving state, taken on the serving thread: the
+        replay, the budget, and a copy of the bank that the build may change freely."""
+        extend = plan.action == EXTEND
+        did = plan.domain_id
+        source = domains.get(did if extend else BASE_DOMAIN)
+        rx, ry = domains.replay_of(source.id, shots.features.shape[1])
+        return BuildContext(
+            plan=plan,
+            shots=shots,
+            replay=(rx, ry),
+            replay_images=source.replay_images,
+            budget=self.budget.for_domains(domains, replacing=did if extend else None),
+            bank=domains.bank_copy(),
+            version=domains.get(did).version + 1 if extend else 1,
+        )
+
+    def _build(self, ctx: BuildContext, threads: int | None = None) -> DomainBuilt:
+        """Phase one proper: search, the initialised head, the domain's memory in the bank
+        copy. Touches no serving state, so it may run on the worker thread."""
         t0 = time.perf_counter()
+        plan, shots = ctx.plan, ctx.shots
         extend = plan.action == EXTEND
         did = plan.domain_id
         x, y = shots.features, shots.labels
-        rx, ry = domains.replay_of(did if extend else BASE_DOMAIN, x.shape[1])
-        train = with_replay(x, y, rx, ry)
+        rx, ry = ctx.replay
+        rimg = ctx.replay_images
+        label_map = sorted({int(v) for v in y} | {int(v) for v in ry})
+        inputs = self.shot_inputs(x, shots.images)
+        t_search = time.perf_counter()
+        arch, search_report = self.choose(inputs, y, label_map, ctx.budget)
+        search_s = time.perf_counter() - t_search
+        arch = arch.with_in_dim(inputs.get(arch.tap, arch.condition).shape[1])
+        r_rows, r_y, r_note = self._replay_rows(arch, rx, ry, rimg, self.seed + did)
+        train = with_replay(inputs.get(arch.tap, arch.condition), y, r_rows, r_y, arch)
         steps = 0 if self.background else self.job_steps(len(train.labels))
-        adaptor, report = self.train_head(train, did, steps=steps, threads=self.threads)
-        # The memory changes in a copy: serving keeps scoring the old bank until the install.
-        bank = domains.bank_copy()
+        adaptor, report = self.train_head(train, did, steps=steps, threads=threads)
+        report.update(search_report)
+        report["search_seconds"] = round(search_s, 4)
+        bank = ctx.bank
         grow = bank.extend_domain if extend else bank.add_domain
         report["threshold"] = float(grow(did, x, y))
-        report.update(domain=did, shots=len(y), replay=len(ry), action=plan.action)
+        report.update(domain=did, shots=len(y), replay=len(r_y), action=plan.action)
+        if plan.reason:
+            report["why"] = plan.reason
+        if plan.report:
+            report["evidence"] = plan.report
+        if r_note:
+            report["replay_note"] = r_note
         seed = self.seed + did
         if extend:
-            report["version"] = domains.get(did).version + 1
-            replay = merge_replay((rx, ry), (x, y), self.replay_per_class, seed)
+            report["version"] = ctx.version
+            mx = np.concatenate([rx, x]).astype(np.float32)
+            my = np.concatenate([ry, y]).astype(np.int64)
+            mimg = (
+                np.concatenate([rimg, shots.images])
+                if rimg is not None
+                and shots.images is not None
+                and rimg.shape[1:] == shots.images.shape[1:]
+                and rimg.dtype == shots.images.dtype
+                else None
+            )
         else:
-            replay = balanced_sample(x, y, self.replay_per_class, seed)
+            mx, my, mimg = x, y, shots.images
+        idx = balanced_indices(my, self.replay_per_class, seed)
+        replay = (np.ascontiguousarray(mx[idx]), my[idx].copy())
         report["seconds"] = time.perf_counter() - t0
         return DomainBuilt(
             plan,
@@ -233,14 +430,44 @@ class AdaptationExecutor:
             replay,
             report,
             train if self.background else None,
+            _select(mimg, idx),
         )
+
+    def _replay_rows(
+        self,
+        arch: AdaptorArch,
+        rx: np.ndarray,
+        ry: np.ndarray,
+        images: np.ndarray | None,
+        seed: int,
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        """Replay rows in ``arch``'s input space (and a note when there are none)."""
+        if arch.tap is None and arch.condition == "none":
+            return rx, ry, ""
+        empty = np.zeros((0, arch.in_dim), np.float32), np.zeros(0, np.int64)
+        if len(ry) == 0:
+            return *empty, ""
+        if images is None or self.encoder is None:
+            return *empty, "no replay frames are kept for this domain: shots only"
+        idx = balanced_indices(ry, TAP_REPLAY_PER_CLASS, seed)
+        rows = EncodedInputs(self.encoder, images[idx], rx[idx]).get(arch.tap, arch.condition)
+        return rows, ry[idx].copy(), ""
 
     # -- the worker ----------------------------------------------------------------------------
     def _start_next(self) -> None:
-        if self._running is not None or not self._queue:
+        if self._running is not None or self._building is not None:
+            return
+        if not self._queue and not self._builds:
             return
         if self._worker is None:
             self._worker = AdaptationWorker(torch_threads=1, default_timeout_s=self.timeout_s)
+        if self._builds:
+            ctx = self._builds.popleft()
+            self._building = ctx
+            self._worker.submit(
+                lambda cancel: self._build(ctx), name=f"build-domain-{ctx.plan.domain_id}"
+            )
+            return
         domain_id, train = self._queue.popleft()
         self._running = (domain_id, train)
         self._worker.submit(
@@ -257,21 +484,29 @@ class AdaptationExecutor:
         return HeadTrained(domain_id, adaptor, report)
 
     def _collect(self) -> None:
-        if self._worker is None or self._running is None:
+        if self._worker is None or (self._running is None and self._building is None):
             return
         done: JobResult | None = self._worker.poll()
         if done is None:
             return
-        domain_id = self._running[0]
-        self._running = None
+        where = "build" if self._building is not None else "train"
+        if self._building is not None:
+            domain_id = self._building.plan.domain_id
+        else:
+            assert self._running is not None
+            domain_id = self._running[0]
+        self._running = self._building = None
         if done.ok:
             self._ready.append(done.value)
+            if isinstance(done.value, DomainBuilt) and done.value.train_set is not None:
+                self._queue.append((domain_id, done.value.train_set))
         else:
+            what = f"{'adaptation (phase one)' if where == 'build' else 'training job'}"
             if done.traceback:
-                log.error("training job for domain %d failed:\n%s", domain_id, done.traceback)
+                log.error("%s for domain %d failed:\n%s", what, domain_id, done.traceback)
             else:
-                log.error("training job for domain %d: %s", domain_id, done.error or done.status)
-            self._ready.append(JobFailed("train", done.error or done.status, domain_id))
+                log.error("%s for domain %d: %s", what, domain_id, done.error or done.status)
+            self._ready.append(JobFailed(where, done.error or done.status, domain_id))
         self._start_next()
 
     def poll(self) -> list[Finished]:
@@ -283,13 +518,30 @@ class AdaptationExecutor:
 
     @property
     def busy(self) -> bool:
-        return self._running is not None or bool(self._queue)
+        return (
+            self._running is not None
+            or self._building is not None
+            or bool(self._queue)
+            or bool(self._builds)
+        )
 
-    def wait(self, timeout_s: float | None = None) -> bool:
-        """Block until queued and running training jobs are done (end of a stream, tests), at
-        most ``timeout_s`` in all. Never called on the serving path. True if all finished."""
+    @property
+    def building(self) -> bool:
+        """A domain is being built on the worker (its install is still to come)."""
+        return self._building is not None or bool(self._builds)
+
+    def wait(self, timeout_s: float | None = None, *, builds_only: bool = False) -> bool:
+        """Block until queued and running jobs are done (end of a stream, tests), at most
+        ``timeout_s`` in all; ``builds_only``: until every queued build is (a checkpoint waits
+        for those: they hold the shots). Never called on the serving path. True if done."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self._running is not None:
+
+        def pending() -> bool:
+            if builds_only:
+                return self.building
+            return self._running is not None or self._building is not None
+
+        while pending():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             assert self._worker is not None
             if not self._worker.wait(left):
@@ -300,7 +552,9 @@ class AdaptationExecutor:
     def cancel(self) -> None:
         """Drop queued jobs and ask the running one to stop (reported as failed: cancelled)."""
         self._queue.clear()
-        if self._worker is not None and self._running is not None:
+        self._builds.clear()
+        running = self._running is not None or self._building is not None
+        if self._worker is not None and running:
             self._worker.cancel()
 
     def pending_training(self) -> list[tuple[int, TrainSet]]:
@@ -323,4 +577,4 @@ class AdaptationExecutor:
         if self._worker is not None:
             self._worker.wait(timeout_s)
         self._worker = None
-        self._running = None
+        self._running = self._building = None

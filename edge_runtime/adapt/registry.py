@@ -2,10 +2,12 @@
 
 :class:`DomainRegistry` holds :class:`Domain` records in creation order. ``max_adaptors`` is
 enforced on :meth:`DomainRegistry.add`: with ``eviction="refuse"`` a full registry raises
-:class:`RegistryFullError`; with ``eviction="oldest"`` the oldest drift-grown domain (never the
-base) is removed and reported as an :class:`EvictionEvent`. The registry serialises to a flat
-tensor dict (safetensors-compatible keys ``domain.<id>.<param>``; earlier adaptor versions under
-``history.<id>.<version>.<param>``; replay buffers under ``replay.<id>.features|labels``) plus
+:class:`RegistryFullError`; with ``eviction="oldest"`` the oldest drift-grown domain, with
+``"least_used"`` the one that served the fewest frames (:meth:`DomainRegistry.count_served`; ties
+go to the oldest) is removed -- never the base -- and reported as an :class:`EvictionEvent`.
+The registry serialises to a flat tensor dict (safetensors-compatible keys
+``domain.<id>.<param>``; earlier adaptor versions under ``history.<id>.<version>.<param>``;
+replay buffers under ``replay.<id>.features|labels|images``) plus
 JSON-able metadata.
 
 A domain's adaptor can be replaced by a new version (e.g. one that also predicts new classes);
@@ -27,7 +29,7 @@ from edge_runtime.adapt.adaptor import Adaptor
 from edge_runtime.errors import CheckpointError, EdgeRuntimeError, InputError
 
 ORIGINS = ("base", "drift", "fleet")
-EVICTION_POLICIES = ("refuse", "oldest")
+EVICTION_POLICIES = ("refuse", "oldest", "least_used")
 
 
 class RegistryFullError(EdgeRuntimeError):
@@ -47,6 +49,11 @@ class Domain:
     history: list[Adaptor] = field(default_factory=list)  # earlier adaptor versions, oldest first
     replay_features: np.ndarray | None = None  # (R, F) float32 class-balanced sample
     replay_labels: np.ndarray | None = None  # (R,) int64 global labels
+    # The replay rows' frames (same order), for adaptors trained on the encoder's intermediate
+    # maps rather than on the pooled features above; None when the domain was fitted on
+    # features only.
+    replay_images: np.ndarray | None = None
+    served: int = 0  # frames routed to this domain (the least-used eviction policy reads it)
 
     @property
     def version(self) -> int:
@@ -78,6 +85,8 @@ class Domain:
             "version": self.version,
             "history": [a.describe() for a in self.history],
             "replay": 0 if self.replay_labels is None else len(self.replay_labels),
+            "replay_images": self.replay_images is not None,
+            "served": self.served,
         }
 
 
@@ -144,6 +153,7 @@ class DomainRegistry:
         metadata: dict[str, Any] | None = None,
         domain_id: int | None = None,
         replay: tuple[np.ndarray, np.ndarray] | None = None,
+        replay_images: np.ndarray | None = None,
     ) -> tuple[Domain, list[EvictionEvent]]:
         """Register a new domain; returns it and any domains evicted to make room."""
         did = self._next_id if domain_id is None else int(domain_id)
@@ -160,13 +170,14 @@ class DomainRegistry:
                 raise RegistryFullError(
                     f"adapt.max_adaptors={self.max_adaptors} reached and only base domains are held"
                 )
-            victim = victims[0]
+            if self.eviction == "least_used":
+                victim = min(victims, key=lambda d: (d.served, d.id))
+                why = f"evicted the least-used domain ({victim.served} frames served)"
+            else:
+                victim = victims[0]
+                why = "evicted the oldest drift domain"
             self.remove(victim.id)
-            events.append(
-                EvictionEvent(
-                    victim, f"max_adaptors={self.max_adaptors}: evicted the oldest drift domain"
-                )
-            )
+            events.append(EvictionEvent(victim, f"max_adaptors={self.max_adaptors}: {why}"))
         domain = Domain(
             id=did,
             name=name or f"domain-{did}",
@@ -179,6 +190,7 @@ class DomainRegistry:
         )
         if replay is not None:
             domain.replay_features, domain.replay_labels = _replay_arrays(*replay)
+            domain.replay_images = _replay_images(replay_images, len(domain.replay_labels))
         self._domains[did] = domain
         self._next_id = max(self._next_id, did + 1)
         return domain, events
@@ -189,6 +201,7 @@ class DomainRegistry:
         adaptor: Adaptor,
         *,
         replay: tuple[np.ndarray, np.ndarray] | None = None,
+        replay_images: np.ndarray | None = None,
     ) -> Domain:
         """Install a new adaptor version for a domain; the previous one goes to its history."""
         domain = self.get(domain_id)
@@ -197,6 +210,7 @@ class DomainRegistry:
         domain.labels = tuple(int(v) for v in adaptor.label_map)
         if replay is not None:
             domain.replay_features, domain.replay_labels = _replay_arrays(*replay)
+            domain.replay_images = _replay_images(replay_images, len(domain.replay_labels))
         return domain
 
     def rollback(self, domain_id: int, version: int | None = None) -> Domain:
@@ -217,6 +231,13 @@ class DomainRegistry:
         domain.labels = tuple(int(v) for v in domain.adaptor.label_map)
         return domain
 
+    def count_served(self, domain: np.ndarray) -> None:
+        """Add a batch's routing (one domain id per frame; -1 for none) to the usage counts."""
+        ids, counts = np.unique(np.asarray(domain, dtype=np.int64), return_counts=True)
+        for d, c in zip(ids.tolist(), counts.tolist(), strict=True):
+            if d in self._domains:
+                self._domains[d].served += int(c)
+
     def remove(self, domain_id: int) -> Domain:
         domain = self.get(domain_id)
         del self._domains[domain.id]
@@ -235,6 +256,8 @@ class DomainRegistry:
             if d.replay is not None:
                 tensors[f"replay.{d.id}.features"] = torch.from_numpy(d.replay[0].copy())
                 tensors[f"replay.{d.id}.labels"] = torch.from_numpy(d.replay[1].copy())
+            if d.replay_images is not None:
+                tensors[f"replay.{d.id}.images"] = torch.from_numpy(d.replay_images.copy())
         meta = {
             "max_adaptors": self.max_adaptors,
             "eviction": self.eviction,
@@ -260,6 +283,7 @@ class DomainRegistry:
                     origin=rec["origin"],
                     kind=rec["kind"],
                     metadata=dict(rec.get("metadata", {})),
+                    served=int(rec.get("served", 0)),
                 )
                 for v, desc in enumerate(rec.get("history", []), start=1):
                     hp = f"history.{rec['id']}.{v}."
@@ -270,6 +294,10 @@ class DomainRegistry:
                     domain.replay_features, domain.replay_labels = _replay_arrays(
                         tensors[rk + "features"].numpy(), tensors[rk + "labels"].numpy()
                     )
+                    if rk + "images" in tensors:
+                        domain.replay_images = _replay_images(
+                            tensors[rk + "images"].numpy(), len(domain.replay_labels)
+                        )
                 reg._domains[domain.id] = domain
             reg._next_id = int(meta["next_id"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -283,3 +311,12 @@ def _replay_arrays(features: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim != 2 or y.shape != (len(x),):
         raise InputError(f"replay features {x.shape} and labels {y.shape} do not match")
     return x, y
+
+
+def _replay_images(images: Any, rows: int) -> np.ndarray | None:
+    if images is None:
+        return None
+    arr = np.ascontiguousarray(np.asarray(images))
+    if arr.ndim not in (3, 4) or len(arr) != rows:
+        raise InputError(f"replay images {arr.shape} do not match {rows} replay rows")
+    return arr

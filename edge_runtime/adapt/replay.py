@@ -15,6 +15,16 @@ from edge_runtime.errors import InputError
 PER_CLASS = 50
 
 
+def balanced_indices(labels: np.ndarray, per_class: int = PER_CLASS, seed: int = 0) -> np.ndarray:
+    """Sorted row indices: at most ``per_class`` random rows of every class (deterministic)."""
+    y = np.asarray(labels, dtype=np.int64)
+    if per_class <= 0:
+        raise InputError(f"replay per_class must be > 0, got {per_class}")
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y).tolist()]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
 def balanced_sample(
     features: np.ndarray, labels: np.ndarray, per_class: int = PER_CLASS, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -23,11 +33,7 @@ def balanced_sample(
     y = np.asarray(labels, dtype=np.int64)
     if x.ndim != 2 or y.shape != (len(x),):
         raise InputError(f"replay: features {x.shape} and labels {y.shape} do not match")
-    if per_class <= 0:
-        raise InputError(f"replay per_class must be > 0, got {per_class}")
-    rng = np.random.default_rng(seed)
-    keep = [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y).tolist()]
-    idx = np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+    idx = balanced_indices(y, per_class, seed)
     return np.ascontiguousarray(x[idx]), y[idx].copy()
 
 

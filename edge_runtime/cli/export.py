@@ -42,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--weights", type=Path, help="MobileNetV2 checkpoint (default: installed weights)"
     )
+    p.add_argument(
+        "--taps",
+        help="comma-separated MobileNetV2 blocks whose spatial maps become extra outputs, for "
+        "adaptors below the last layer (onnx/tensorrt; default 3,6,10,13; 'none' for none)",
+    )
     p.add_argument("--max-batch", type=int, default=1024, help="largest batch the export accepts")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (onnx format)")
     p.add_argument(
@@ -119,7 +124,13 @@ def run(args: argparse.Namespace) -> int:
         input_size=s["input_size"], layers=module.layers, dims=module.dims, weights_sha256=sha
     )
     result = export_encoder(
-        module, spec, args.format, args.out, max_batch=args.max_batch, opset=args.opset
+        module,
+        spec,
+        args.format,
+        args.out,
+        max_batch=args.max_batch,
+        opset=args.opset,
+        taps=_taps(args),
     )
     print(f"wrote {result.path}")
     print(f"wrote {result.manifest_path}")
@@ -137,6 +148,19 @@ def run(args: argparse.Namespace) -> int:
         quantize_onnx(result.path, dst, args.quantize, calibration)
         print(f"wrote {dst}")
     return 0
+
+
+def _taps(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """``--taps``: None (the format's default), () for "none", else the blocks."""
+    raw = getattr(args, "taps", None)
+    if raw is None:
+        return None
+    if raw.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(v) for v in raw.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"--taps must be comma-separated block numbers, got {raw!r}") from None
 
 
 def _run_tensorrt(args: argparse.Namespace, s: dict[str, Any]) -> int:
@@ -159,11 +183,15 @@ def _run_tensorrt(args: argparse.Namespace, s: dict[str, Any]) -> int:
         input_size=s["input_size"], layers=module.layers, dims=module.dims, weights_sha256=sha
     )
     batch = int(s.get("batch_size", 32))
+    from edge_runtime.encoder.backend import TAP_BLOCKS
+
+    taps = _taps(args)
     key = EngineKey.make(
         spec,
         trt_precision(s["precision"]),
         (1, batch, max(batch, 32)),
         facts=EngineFacts.detect("cuda:0"),
+        taps=TAP_BLOCKS if taps is None else taps,
     )
     path = resolve_out_path(args.out, "tensorrt")
     compile_engine(module, spec, key, path)

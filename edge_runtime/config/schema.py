@@ -50,7 +50,6 @@ OptionalPath = Annotated[Path | None, AfterValidator(_expand_path)]
 NOT_IMPLEMENTED: dict[str, tuple[Any, str]] = {
     "device.power_budget_w": (None, "no power telemetry reads a budget"),
     "hdc.packed": (True, "the HDC memory always keeps bit-packed exemplars"),
-    "adapt.nas": (False, "adaptors come from a fixed architecture; no zero-shot NAS runs"),
     "adapt.meta_init": (False, "adaptors start from prototypes; no meta-learned init exists"),
 }
 
@@ -178,13 +177,27 @@ class AdaptConfig(_Section):
 
     label_budget: int = Field(200, gt=0)
     max_adaptors: int = Field(8, gt=0)
-    nas: Annotated[bool, _only_implemented("adapt.nas")] = False
+    # At max_adaptors: refuse growth, or evict a drift-grown domain (the oldest, or the one
+    # that served the fewest frames); the base is never evicted.
+    eviction: Literal["refuse", "oldest", "least_used"] = "refuse"
+    # Zero-shot NAS (edge_runtime/adapt/nas.py) picks each new adaptor's architecture -- heads
+    # on pooled features or conv adaptors on an intermediate encoder tap -- from training-free
+    # proxies on the labelled shots; false: always a linear head on pooled features.
+    nas: bool = True
+    # The proxy (or rank vote) the search ranks candidates by; null: the search's default.
+    nas_proxy: str | None = None
+    # Limits on one new adaptor (null: none), and on all adaptors' parameters together.
+    max_adaptor_params: int | None = Field(300_000, gt=0)
+    max_adaptor_macs: int | None = Field(None, gt=0)
+    max_adaptor_latency_ms: float | None = Field(None, gt=0)
+    max_total_params: int | None = Field(2_000_000, gt=0)
     meta_init: Annotated[bool, _only_implemented("adapt.meta_init")] = False
     steps: int = Field(300, gt=0)
     lr: float = Field(1e-2, gt=0)
-    # New classes: a domain of their own ("separate"), or a new adaptor version of the known
-    # domain their shots are nearest to ("extend"); see edge_runtime/adapt/planner.py.
-    novel_policy: Literal["separate", "extend"] = "separate"
+    # New classes: a domain of their own ("separate"), a new adaptor version of the known
+    # domain their shots are nearest to ("extend"), or whichever the shots' labels support
+    # ("auto"); see edge_runtime/adapt/planner.py.
+    novel_policy: Literal["auto", "separate", "extend"] = "auto"
     # A background training job past this many seconds is cancelled and reported as an error
     # event; the domain keeps its initialised head. None: no limit.
     job_timeout_s: float | None = Field(120.0, gt=0)

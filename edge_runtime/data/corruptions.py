@@ -186,6 +186,86 @@ def inversion(images: np.ndarray, severity: int = 3, seed: int = 0) -> np.ndarra
     return _to_uint8(x * (1.0 - t) + (255.0 - x) * t)
 
 
+_IMPULSE_FRACTION = (0.03, 0.06, 0.09, 0.17, 0.27)  # pixels hit (half salt, half pepper)
+_JPEG_QUALITY = (25, 18, 15, 10, 7)
+_PIXELATE = (0.5, 0.4, 0.3, 0.22, 0.15)  # fraction of the side kept before upsampling
+
+# The JPEG standard's luminance quantisation table (Annex K), scaled by quality as libjpeg does.
+_JPEG_LUMA = np.array(
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61],
+        [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56],
+        [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77],
+        [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101],
+        [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    dtype=np.float32,
+)
+
+
+def impulse_noise(images: np.ndarray, severity: int = 3, seed: int = 0) -> np.ndarray:
+    """Salt-and-pepper noise: a fraction of pixels set to black or white (all channels of a hit
+    pixel alike, as a dead or stuck sensor pixel is)."""
+    _check(images, severity)
+    rng = np.random.default_rng(seed)
+    out = images.copy()
+    u = rng.random(images.shape[:3], dtype=np.float32)
+    p = np.float32(_IMPULSE_FRACTION[severity - 1])
+    out[u < p / 2] = 0
+    out[(u >= p / 2) & (u < p)] = 255
+    return out
+
+
+def _dct_matrix(n: int = 8) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    m = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    m[0] /= np.sqrt(2.0)
+    return m.astype(np.float32)
+
+
+def block_artifacts(images: np.ndarray, severity: int = 3, seed: int = 0) -> np.ndarray:
+    """JPEG-like 8x8 block compression: per-block DCT, coefficients quantised with the JPEG
+    luminance table at quality 25..7, inverse DCT. Blocks stay 8 px at every frame size (that is
+    what a codec does), so on 28x28 frames this is heavy. Deterministic; ``seed`` is unused."""
+    _check(images, severity)
+    if len(images) == 0:
+        return images.copy()
+    q = _JPEG_QUALITY[severity - 1]
+    scale = 5000.0 / q if q < 50 else 200.0 - 2.0 * q
+    table = np.clip(np.floor((_JPEG_LUMA * scale + 50.0) / 100.0), 1, 255).astype(np.float32)
+    x = images.astype(np.float32)
+    if x.ndim == 3:
+        x = x[..., None]
+    n, h, w, c = x.shape
+    ph, pw = -h % 8, -w % 8
+    x = np.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge") - 128.0
+    hb, wb = x.shape[1] // 8, x.shape[2] // 8
+    blocks = x.reshape(n, hb, 8, wb, 8, c).transpose(0, 1, 3, 5, 2, 4)  # (n,hb,wb,c,8,8)
+    d = _dct_matrix()
+    coef = d @ blocks @ d.T
+    coef = np.rint(coef / table) * table
+    rec = d.T @ coef @ d
+    rec = rec.transpose(0, 1, 4, 2, 5, 3).reshape(n, hb * 8, wb * 8, c)[:, :h, :w] + 128.0
+    out = _to_uint8(rec)
+    return out[..., 0] if images.ndim == 3 else out
+
+
+def pixelate(images: np.ndarray, severity: int = 3, seed: int = 0) -> np.ndarray:
+    """Area-downsample to a fraction of the side, then nearest-neighbour back up (blocky)."""
+    _check(images, severity)
+    if len(images) == 0:
+        return images.copy()
+    h, w = images.shape[1:3]
+    f = _PIXELATE[severity - 1]
+    small = (max(1, round(h * f)), max(1, round(w * f)))
+    x = F.interpolate(_to_nchw(images), size=small, mode="area")
+    return _from_nchw(F.interpolate(x, size=(h, w), mode="nearest"), images)
+
+
 CORRUPTIONS: dict[str, Corruption] = {
     "rotation": rotation,
     "gaussian_noise": gaussian_noise,
@@ -194,6 +274,9 @@ CORRUPTIONS: dict[str, Corruption] = {
     "brightness": brightness,
     "fog": fog,
     "inversion": inversion,
+    "impulse_noise": impulse_noise,
+    "block_artifacts": block_artifacts,
+    "pixelate": pixelate,
 }
 
 

@@ -149,9 +149,11 @@ class ScenarioSpec:
             if seg.frames < len(seg.classes) or seg.eval_frames < 0:
                 raise InputError(f"scenario {self.name!r} {where}: too few frames")
             if seg.corruption is not None:
-                if seg.corruption not in CORRUPTIONS:
+                unknown = [c for c in seg.corruption.split("+") if c not in CORRUPTIONS]
+                if unknown:
                     raise InputError(
-                        f"scenario {self.name!r} {where}: unknown corruption {seg.corruption!r}"
+                        f"scenario {self.name!r} {where}: unknown corruption {unknown[0]!r} "
+                        f"(in {seg.corruption!r}); choose from {', '.join(CORRUPTIONS)}"
                     )
                 if seg.severity not in range(1, 6):
                     raise InputError(
@@ -261,11 +263,9 @@ def build_scenario(spec: ScenarioSpec | str, seed: int = 0) -> Stream:
         images = _resize(stream_pool.images[idx], spec.size)
         ev_images = _resize(eval_pool.images[ev_idx], spec.size)
         if seg.corruption is not None:
-            images = corrupt(images, seg.corruption, seg.severity, _sub_seed(seed, s, "stream"))
+            images = _corrupt_all(images, seg, _sub_seed(seed, s, "stream"))
             if len(ev_images):
-                ev_images = corrupt(
-                    ev_images, seg.corruption, seg.severity, _sub_seed(seed, s, "eval")
-                )
+                ev_images = _corrupt_all(ev_images, seg, _sub_seed(seed, s, "eval"))
         labels = labels_of(seg.source, stream_pool.labels[idx])
         ev_labels = labels_of(seg.source, eval_pool.labels[ev_idx])
 
@@ -331,6 +331,14 @@ def build_scenario(spec: ScenarioSpec | str, seed: int = 0) -> Stream:
     )
     validate_stream(stream)
     return stream
+
+
+def _corrupt_all(images: np.ndarray, seg: SegmentSpec, seed: int) -> np.ndarray:
+    """A segment's corruption; ``"a+b"`` applies ``a`` then ``b`` at the same severity."""
+    assert seg.corruption is not None
+    for k, name in enumerate(seg.corruption.split("+")):
+        images = corrupt(images, name, seg.severity, seed + k)
+    return images
 
 
 def _spec_dict(spec: ScenarioSpec) -> dict:
@@ -458,6 +466,63 @@ def _drift_spec(
     )
 
 
+def _lowlevel_spec() -> ScenarioSpec:
+    """Shifts that destroy low-level detail, where a head on pooled features cannot recover and
+    an adaptor on an intermediate encoder tap (chosen by the search) can."""
+
+    def seg(
+        name: str,
+        source: str,
+        classes: tuple[int, ...],
+        corr: str | None,
+        sev: int,
+        desc: str,
+        shift: bool = True,
+        frames: int = 1200,
+    ) -> SegmentSpec:
+        return SegmentSpec(
+            name=name,
+            source=source,
+            classes=classes,
+            frames=frames,
+            eval_frames=300,
+            is_shift=shift,
+            corruption=corr,
+            severity=sev if corr else 0,
+            description=desc,
+        )
+
+    return ScenarioSpec(
+        name="lowlevel-drift",
+        description="Fashion-MNIST 0-5 base; digits under block artefacts + impulse noise, "
+        "fashion under pixelation, fashion under impulse noise, clean return",
+        base_source="fashion",
+        base_classes=_BASE,
+        train_per_class=1000,
+        segments=(
+            seg("clean", "fashion", _BASE, None, 0, "classes 0-5, clean", False, 2000),
+            seg(
+                "digits-blocks-impulse",
+                "mnist",
+                _DIGITS,
+                "block_artifacts+impulse_noise",
+                4,
+                "MNIST digits, JPEG-like 8x8 blocks then salt-and-pepper noise (labels 10-19)",
+            ),
+            seg("pixelate", "fashion", _BASE, "pixelate", 4, "classes 0-5, pixelated"),
+            seg(
+                "impulse",
+                "fashion",
+                _BASE,
+                "impulse_noise",
+                4,
+                "classes 0-5 with salt-and-pepper noise",
+            ),
+            seg("clean-return", "fashion", _BASE, None, 0, "back to clean classes 0-5"),
+        ),
+    )
+
+
 SCENARIOS: dict[str, ScenarioSpec] = {
     "fashion-drift": _drift_spec(
         "fashion-drift",
@@ -475,6 +540,7 @@ SCENARIOS: dict[str, ScenarioSpec] = {
         per_segment=180,
         eval_per_segment=60,
     ),
+    "lowlevel-drift": _lowlevel_spec(),
 }
 
 

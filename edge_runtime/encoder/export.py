@@ -5,6 +5,10 @@ Every export has a dynamic batch dimension (1..``max_batch``) and a fixed
 input size, normalisation, pooled layers and the SHA-256 of the weights, so a
 consumer (another process, a Jetson, a C++ runtime) can preprocess frames the
 same way and refuse a model built from other weights.
+
+An ONNX export may also carry *taps*: besides the pooled ``features`` output, one
+``tap_<block>`` output per tapped MobileNetV2 block, the (batch, C, h, w) map that conv
+adaptors read. The manifest lists them under ``"taps"``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_runtime.encoder.backend import FeatureSpec
+from edge_runtime.encoder.backend import TAP_BLOCKS, FeatureSpec, normalise_taps, tap_shape
 from edge_runtime.errors import CheckpointError, InputError
 
 log = logging.getLogger(__name__)
@@ -43,8 +47,30 @@ OUTPUT_NAME = "features"
 DEFAULT_MAX_BATCH = 1024
 ONNX_OPSET = 18
 MANIFEST_SCHEMA = 1
-# Bump when the exported graph changes for the same spec, to invalidate caches.
+# Bump when the exported graph changes for the same spec, to invalidate caches. (Taps are
+# part of the cache keys themselves, so adding them needed no bump.)
 EXPORT_REVISION = 1
+
+
+def tap_output_name(block: int) -> str:
+    """The ONNX output carrying block ``block``'s map."""
+    return f"tap_{int(block)}"
+
+
+def tap_entries(spec: FeatureSpec, taps: Sequence[int]) -> list[dict[str, Any]]:
+    """The manifest's ``"taps"`` list: block, map shape (C, h, w) and ONNX output name."""
+    return [
+        {"block": b, "shape": list(tap_shape(b, spec.input_size)), "output": tap_output_name(b)}
+        for b in normalise_taps(taps)
+    ]
+
+
+def manifest_taps(manifest: dict[str, Any]) -> tuple[int, ...]:
+    """The tap blocks a manifest lists (none for exports made before taps existed)."""
+    try:
+        return normalise_taps([int(t["block"]) for t in manifest.get("taps") or ()])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"manifest 'taps' is corrupt: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -70,6 +96,7 @@ def build_manifest(
     max_batch: int,
     precision: str = "fp32",
     extra: dict[str, Any] | None = None,
+    taps: Sequence[int] = (),
 ) -> dict[str, Any]:
     s = spec.input_size
     manifest: dict[str, Any] = {
@@ -86,6 +113,7 @@ def build_manifest(
             "preprocess": "RGB in [0,1], resized bilinearly to input_size, then (x - mean) / std",
         },
         "output": {"name": OUTPUT_NAME, "shape": ["batch", spec.dim], "dtype": "float32"},
+        "taps": tap_entries(spec, taps),
         "batch": {"min": 1, "max": int(max_batch)},
         "spec": spec.to_dict(),
         "torch_version": torch.__version__,
@@ -120,8 +148,21 @@ def spec_from_manifest(manifest: dict[str, Any]) -> FeatureSpec:
 # --------------------------------------------------------------------------- preparation
 
 
-def export_copy(module: nn.Module) -> nn.Module:
-    """A contiguous-format, eval-mode, grad-free copy, so the backend's module is untouched."""
+def export_copy(module: nn.Module, taps: Sequence[int] = ()) -> nn.Module:
+    """A contiguous-format, eval-mode, grad-free copy, so the backend's module is untouched.
+
+    For the built-in encoder (:class:`PooledFeatures`) the copy holds only the blocks the
+    export runs; with ``taps`` it returns ``(features, *maps)`` in block order. Other
+    modules cannot be tapped (InputError)."""
+    taps = normalise_taps(taps)
+    view = getattr(module, "export_view", None)
+    if callable(view):
+        module = view(taps)
+    elif taps:
+        raise InputError(
+            f"only the built-in MobileNetV2 encoder can export taps {list(taps)}; "
+            f"{type(module).__name__} has no named blocks"
+        )
     m = copy.deepcopy(module).eval().to(memory_format=torch.contiguous_format)
     for p in m.parameters():
         p.requires_grad_(False)
@@ -150,9 +191,11 @@ def export_program(
     spec: FeatureSpec,
     max_batch: int = DEFAULT_MAX_BATCH,
     device: str | torch.device = "cpu",
+    taps: Sequence[int] = (),
 ) -> torch.export.ExportedProgram:
-    """torch.export with a dynamic batch: the graph torch-tensorrt's dynamo path consumes."""
-    m = export_copy(module).to(device)
+    """torch.export with a dynamic batch: the graph torch-tensorrt's dynamo path consumes.
+    With ``taps`` the program returns ``(features, *maps)``."""
+    m = export_copy(module, taps).to(device)
     x = example_input(spec).to(device)
     with torch.no_grad():
         return torch.export.export(
@@ -171,17 +214,22 @@ def export_onnx(
     max_batch: int = DEFAULT_MAX_BATCH,
     opset: int = ONNX_OPSET,
     program: torch.export.ExportedProgram | None = None,
+    taps: Sequence[int] = (),
 ) -> Path:
     """Export to a single ONNX file (weights inline) with a dynamic batch, then check it.
 
     Uses the torch.export-based exporter (from ``program`` when given, which saves
-    re-tracing): its graph is BatchNorm-folded and free of Constant nodes. The
-    TorchScript-based exporter is the fallback for modules torch.export cannot trace.
+    re-tracing; it must then have been exported with the same ``taps``): its graph is
+    BatchNorm-folded and free of Constant nodes. The TorchScript-based exporter is the
+    fallback for modules torch.export cannot trace. ``taps`` add one ``tap_<block>``
+    output each, after ``features``.
     """
     path = Path(path)
-    m = export_copy(module)
+    taps = normalise_taps(taps)
+    m = export_copy(module, taps)
     x = example_input(spec)
-    names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
+    outputs = [OUTPUT_NAME, *(tap_output_name(b) for b in taps)]
+    names = {"input_names": [INPUT_NAME], "output_names": outputs, "opset_version": opset}
     dynamo_kwargs = onnx_export_kwargs(
         torch.onnx.export,
         dynamo=True,
@@ -193,7 +241,7 @@ def export_onnx(
     script_kwargs = onnx_export_kwargs(
         torch.onnx.export,
         dynamo=False,
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
         do_constant_folding=True,
         **names,
     )
@@ -203,7 +251,7 @@ def export_onnx(
                 raise CheckpointError("this torch's torch.onnx.export has no dynamo exporter")
             with _quiet(), torch.no_grad():
                 if program is None:
-                    program = export_program(m, spec, max_batch)
+                    program = export_program(m, spec, max_batch)  # m is already tapped
                 torch.onnx.export(program, (x,), str(tmp), **dynamo_kwargs)
         except Exception as exc:  # torch.export cannot trace some user modules
             log.warning(
@@ -215,7 +263,7 @@ def export_onnx(
             with _quiet(), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 torch.onnx.export(m, (x,), str(tmp), **script_kwargs)
-        check_onnx(tmp, spec)
+        check_onnx(tmp, spec, taps)
     return path
 
 
@@ -239,8 +287,9 @@ def onnx_export_kwargs(export: Callable[..., Any], **wanted: Any) -> dict[str, A
     return {k: v for k, v in wanted.items() if k in params}
 
 
-def check_onnx(path: str | Path, spec: FeatureSpec) -> None:
-    """onnx.checker (full) plus strict shape inference; the batch axis must stay symbolic."""
+def check_onnx(path: str | Path, spec: FeatureSpec, taps: Sequence[int] = ()) -> None:
+    """onnx.checker (full) plus strict shape inference; the batch axis must stay symbolic,
+    on ``features`` and on each ``tap_<block>`` output of ``taps`` ([batch, C, h, w])."""
     import onnx
 
     path = Path(path)
@@ -264,6 +313,13 @@ def check_onnx(path: str | Path, spec: FeatureSpec) -> None:
         raise CheckpointError(f"ONNX input shape {inp} is not [batch, 3, {s}, {s}]")
     if not isinstance(out[0], str) or out[1:] != [spec.dim]:
         raise CheckpointError(f"ONNX output shape {out} is not [batch, {spec.dim}]")
+    for b in normalise_taps(taps):
+        name, want = tap_output_name(b), list(tap_shape(b, s))
+        got = shapes.get(name)
+        if got is None:
+            raise CheckpointError(f"ONNX model {path} lacks tap output '{name}'")
+        if not isinstance(got[0], str) or got[1:] != want:
+            raise CheckpointError(f"ONNX output '{name}' shape {got} is not [batch, {want}]")
 
 
 def export_exported_program(
@@ -302,24 +358,34 @@ def export_encoder(
     *,
     max_batch: int = DEFAULT_MAX_BATCH,
     opset: int = ONNX_OPSET,
+    taps: Sequence[int] | None = None,
 ) -> ExportResult:
     """Export ``module`` as ``fmt`` to ``out`` (a file, or a directory for ``encoder.<ext>``)
-    and write the manifest beside it. TensorRT is handled by ``tensorrt_backend``."""
+    and write the manifest beside it. TensorRT is handled by ``tensorrt_backend``.
+
+    ``taps`` (ONNX only): the blocks whose maps become extra outputs; ``None`` means
+    :data:`TAP_BLOCKS` for the built-in MobileNetV2 and none for any other module. The
+    torch formats keep their single ``features`` output."""
     if fmt not in ("onnx", "exported-program", "torchscript"):
         raise InputError(
             f"export format must be onnx, exported-program or torchscript, got {fmt!r}"
         )
+    if taps is None:
+        taps = TAP_BLOCKS if (fmt == "onnx" and hasattr(module, "export_view")) else ()
+    taps = normalise_taps(taps)
+    if taps and fmt != "onnx":
+        raise InputError(f"taps are exported with --format onnx (or tensorrt) only, not {fmt}")
     path = resolve_out_path(out, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Any] = {}
     if fmt == "onnx":
-        export_onnx(module, spec, path, max_batch=max_batch, opset=opset)
+        export_onnx(module, spec, path, max_batch=max_batch, opset=opset, taps=taps)
         extra["opset"] = opset
     elif fmt == "exported-program":
         export_exported_program(module, spec, path, max_batch=max_batch)
     else:
         export_torchscript(module, spec, path)
-    manifest = build_manifest(fmt, path, spec, max_batch=max_batch, extra=extra)
+    manifest = build_manifest(fmt, path, spec, max_batch=max_batch, extra=extra, taps=taps)
     mpath = manifest_path_for(path)
     write_manifest(manifest, mpath)
     log.info("exported %s encoder to %s (manifest %s)", fmt, path, mpath.name)
@@ -338,7 +404,9 @@ def resolve_out_path(out: str | Path, fmt: str) -> Path:
 
 
 def spec_digest(spec: FeatureSpec, **extra: Any) -> str:
-    """Stable hash of a feature spec (weights hash included) and any extra key fields."""
+    """Stable hash of a feature spec (weights hash included) and any extra key fields
+    (an export cache passes ``taps=[...]`` when it has any, so tapped and untapped exports
+    never share a file while untapped ones keep their old names)."""
     payload = {"spec": spec.to_dict(), "revision": EXPORT_REVISION, **extra}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -7,6 +7,7 @@ ImageNet checkpoint loads with ``strict=True``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -112,11 +113,14 @@ class PooledFeatures(nn.Module):
     """Global-average-pooled outputs of chosen ``features`` blocks, concatenated.
 
     The HDFF-style multi-layer view: ``layers=(18,)`` is the usual 1,280-d
-    penultimate feature; earlier blocks add lower-level statistics. Blocks past
-    the deepest requested one are dropped, so early-layer extractors are cheap.
+    penultimate feature; earlier blocks add lower-level statistics. ``forward``
+    runs only the blocks up to the deepest requested one, so early-layer
+    extractors are cheap. The later blocks are kept in ``tail`` (unused by
+    ``forward``) so that :meth:`forward_taps` can still return the map of any
+    block; ``keep_tail=False`` drops them.
     """
 
-    def __init__(self, model: MobileNetV2, layers: Sequence[int]):
+    def __init__(self, model: MobileNetV2, layers: Sequence[int], *, keep_tail: bool = True):
         super().__init__()
         n = len(model.features)
         layers = tuple(sorted(set(int(i) for i in layers)))
@@ -124,8 +128,15 @@ class PooledFeatures(nn.Module):
             raise ValueError(f"feature layers must lie in 0..{n - 1}, got {layers}")
         self.layers = layers
         self.blocks = nn.ModuleList(model.features[: layers[-1] + 1])
+        self.tail = nn.ModuleList(model.features[layers[-1] + 1 :] if keep_tail else [])
         channels = block_channels(model)
         self.dims = tuple(channels[i] for i in layers)
+        self.block_channels = tuple(channels)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks this module can run: ``forward``'s plus the tail's."""
+        return len(self.blocks) + len(self.tail)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = []
@@ -134,3 +145,65 @@ class PooledFeatures(nn.Module):
             if i in self.layers:
                 pooled.append(x.mean(dim=(2, 3)))
         return torch.cat(pooled, dim=1)
+
+    def forward_taps(
+        self, x: torch.Tensor, taps: Sequence[int]
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Pooled features (exactly ``forward``'s) and the output maps of blocks ``taps``,
+        in one pass that stops at the deepest of the pooled layers and the taps."""
+        wanted = frozenset(int(t) for t in taps)
+        if wanted and (min(wanted) < 0 or max(wanted) >= self.num_blocks):
+            raise ValueError(
+                f"tap blocks must lie in 0..{self.num_blocks - 1}, got {sorted(wanted)}"
+            )
+        depth = max(self.layers[-1], max(wanted, default=-1))
+        pooled: list[torch.Tensor] = []
+        maps: dict[int, torch.Tensor] = {}
+        for i in range(depth + 1):
+            block = self.blocks[i] if i < len(self.blocks) else self.tail[i - len(self.blocks)]
+            x = block(x)
+            if i in self.layers:
+                pooled.append(x.mean(dim=(2, 3)))
+            if i in wanted:
+                maps[i] = x
+        return torch.cat(pooled, dim=1), maps
+
+    def export_view(self, taps: Sequence[int] = ()) -> nn.Module:
+        """A module for export that shares these blocks (no copy): without taps, this
+        module minus its tail (the graph exports always had); with taps, a
+        :class:`TappedFeatures` returning ``(pooled, *maps)``."""
+        taps = tuple(sorted(set(int(t) for t in taps)))
+        if taps:
+            return TappedFeatures(self, taps)
+        view = copy.copy(self)  # shallow: same blocks, its own (empty) module registry below
+        view._modules = dict(self._modules)
+        view._modules["tail"] = nn.ModuleList()
+        return view
+
+
+class TappedFeatures(nn.Module):
+    """``(pooled, map_t0, map_t1, ...)`` for a fixed, sorted tuple of tap blocks: the
+    multi-output graph that ONNX and TensorRT exports carry. Runs only the blocks up
+    to the deepest of the pooled layers and the taps."""
+
+    def __init__(self, pooled: PooledFeatures, taps: Sequence[int]):
+        super().__init__()
+        self.taps = tuple(sorted(set(int(t) for t in taps)))
+        if not self.taps or self.taps[0] < 0 or self.taps[-1] >= pooled.num_blocks:
+            raise ValueError(f"tap blocks must lie in 0..{pooled.num_blocks - 1}, got {self.taps}")
+        self.layers = pooled.layers
+        self.dims = pooled.dims
+        depth = max(self.layers[-1], self.taps[-1])
+        everything = [*pooled.blocks, *pooled.tail]
+        self.blocks = nn.ModuleList(everything[: depth + 1])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pooled = []
+        maps = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.layers:
+                pooled.append(x.mean(dim=(2, 3)))
+            if i in self.taps:
+                maps.append(x)
+        return (torch.cat(pooled, dim=1), *maps)

@@ -4,6 +4,10 @@ The runtime can pick this backend without a manual export step: :func:`cached_on
 exports the encoder once per (spec, weights hash) into
 ``$EDGE_RUNTIME_CACHE/onnx/`` (default ``~/.cache/edge_runtime/onnx/``) and later
 starts reuse the file.
+
+Taps: a model exported with ``tap_<block>`` outputs (see :mod:`edge_runtime.encoder.export`)
+serves :meth:`OnnxRuntimeBackend.encode_taps`; each call fetches only the outputs asked for,
+and ``encode`` fetches ``features`` alone.
 """
 
 from __future__ import annotations
@@ -17,16 +21,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_runtime.encoder.backend import DEFAULT_INPUT_SIZE, DEFAULT_LAYERS, FeatureSpec
+from edge_runtime.encoder.backend import (
+    DEFAULT_INPUT_SIZE,
+    DEFAULT_LAYERS,
+    NUM_BLOCKS,
+    FeatureSpec,
+    normalise_taps,
+)
 from edge_runtime.encoder.export import (
     DEFAULT_MAX_BATCH,
     INPUT_NAME,
+    OUTPUT_NAME,
     build_manifest,
     export_onnx,
     manifest_path_for,
+    manifest_taps,
     read_manifest,
     spec_digest,
     spec_from_manifest,
+    tap_output_name,
     write_manifest,
 )
 from edge_runtime.errors import BackendUnavailableError, CheckpointError, InputError
@@ -127,24 +140,33 @@ def cached_onnx(
     *,
     cache_dir: str | Path | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
+    taps: Sequence[int] = (),
 ) -> tuple[Path, FeatureSpec]:
-    """The encoder as an ONNX file, exported on first use and cached by spec + weights hash."""
+    """The encoder as an ONNX file, exported on first use and cached by spec + weights hash
+    (+ ``taps``, the blocks exported as ``tap_<block>`` outputs; the runtime's selection
+    asks for :data:`~edge_runtime.encoder.backend.TAP_BLOCKS`)."""
     from edge_runtime.encoder.backend import build_feature_module
 
+    taps = normalise_taps(taps)
     module, sha = build_feature_module(layers, weights)
     spec = FeatureSpec(
         input_size=input_size, layers=module.layers, dims=module.dims, weights_sha256=sha
     )
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "onnx"
-    path = root / f"mobilenetv2-{spec_digest(spec, max_batch=max_batch)[:24]}.onnx"
+    # Untapped exports keep the key (hence the file) they had before taps existed.
+    key_extra: dict[str, Any] = {"taps": list(taps)} if taps else {}
+    path = root / f"mobilenetv2-{spec_digest(spec, max_batch=max_batch, **key_extra)[:24]}.onnx"
     if path.is_file() and manifest_path_for(path).is_file():
         manifest = read_manifest(path)
-        if spec_from_manifest(manifest) == spec:
+        if spec_from_manifest(manifest) == spec and manifest_taps(manifest) == taps:
             log.debug("using cached ONNX encoder %s", path)
             return path, spec
     log.info("exporting the encoder to ONNX (once; cached at %s)", path)
-    export_onnx(module, spec, path, max_batch=max_batch)
-    write_manifest(build_manifest("onnx", path, spec, max_batch=max_batch), manifest_path_for(path))
+    export_onnx(module, spec, path, max_batch=max_batch, taps=taps)
+    write_manifest(
+        build_manifest("onnx", path, spec, max_batch=max_batch, taps=taps),
+        manifest_path_for(path),
+    )
     return path, spec
 
 
@@ -204,6 +226,7 @@ class OnnxRuntimeBackend:
             providers = ["CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(self.model_path), so, providers=providers)
+            self._session_args = (so, providers)
         except Exception as exc:
             raise CheckpointError(f"ONNX Runtime cannot load {self.model_path}: {exc}") from exc
         # ORT silently falls back to CPU when the CUDA provider fails to initialise.
@@ -225,6 +248,18 @@ class OnnxRuntimeBackend:
         self._input = self.session.get_inputs()[0].name
         if self._input != INPUT_NAME:
             log.debug("ONNX input is named %r", self._input)
+        outputs = [o.name for o in self.session.get_outputs()]
+        # A user's own ONNX file may name its one output anything.
+        self._output = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
+        # The graph itself says which maps it can return; a manifest only describes it.
+        self.taps: tuple[int, ...] = tuple(
+            sorted(b for b in range(NUM_BLOCKS) if tap_output_name(b) in outputs)
+        )
+        self.supports_taps = bool(self.taps)
+        # ORT executes the whole graph whatever outputs are fetched: a model whose taps reach
+        # past the pooled layers would make every `encode` pay for those blocks. Such calls
+        # get a session on the graph pruned to the outputs asked for (built once per set).
+        self._pruned: dict[tuple[str, ...], Any] = {}
 
     @classmethod
     def from_file(
@@ -260,19 +295,67 @@ class OnnxRuntimeBackend:
         device: str = "cpu",
         threads: int | None = None,
         cache_dir: str | Path | None = None,
+        taps: Sequence[int] = (),
     ) -> OnnxRuntimeBackend:
-        """The frozen MobileNetV2 encoder, exported on first use (see :func:`cached_onnx`)."""
-        path, spec = cached_onnx(input_size, layers, weights, cache_dir=cache_dir)
+        """The frozen MobileNetV2 encoder, exported on first use (see :func:`cached_onnx`),
+        with ``tap_<block>`` outputs for ``taps``."""
+        path, spec = cached_onnx(input_size, layers, weights, cache_dir=cache_dir, taps=taps)
         return cls(path, spec, device=device, threads=threads)
 
-    def encode(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+    def _input_array(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         x = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
         s = self.spec.input_size
         if x.ndim != 4 or x.shape[1:] != (3, s, s) or x.shape[0] == 0:
             raise InputError(f"encoder input must be (N,3,{s},{s}) with N>0, got {tuple(x.shape)}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        (out,) = self.session.run(None, {self._input: x})
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _session_for(self, taps: tuple[int, ...]) -> Any:
+        """The full session, or one pruned to ``features`` + ``taps`` where the graph's
+        deeper taps would otherwise run blocks nobody asked for."""
+        depth = max((*self.spec.layers, *taps), default=0)
+        if not self.taps or max(self.taps) <= depth:
+            return self.session
+        names = (self._output, *(tap_output_name(b) for b in taps))
+        if names not in self._pruned:
+            import onnx
+            import onnxruntime as ort
+            from onnx.utils import Extractor
+
+            sub = Extractor(onnx.load(str(self.model_path))).extract_model([self._input], names)
+            so, providers = self._session_args
+            self._pruned[names] = ort.InferenceSession(
+                sub.SerializeToString(), so, providers=providers
+            )
+        return self._pruned[names]
+
+    def encode(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        # Only `features`: a tapped model's maps are never copied out here.
+        session = self._session_for(())
+        (out,) = session.run([self._output], {self._input: self._input_array(batch)})
         return np.asarray(out, dtype=np.float32)
 
+    def encode_taps(
+        self, batch: torch.Tensor | np.ndarray, taps: tuple[int, ...]
+    ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Features and the maps of ``taps`` from one session run that fetches only those."""
+        taps = normalise_taps(taps)
+        missing = [b for b in taps if b not in self.taps]
+        if missing:
+            have = f"taps {list(self.taps)}" if self.taps else "no taps"
+            raise InputError(
+                f"ONNX model {self.model_path.name} has no output for tap block(s) {missing} "
+                f"(it has {have}); re-export it with those taps "
+                "(`edge-runtime export --format onnx --out DIR` exports taps 3,6,10,13)"
+            )
+        names = [self._output, *(tap_output_name(b) for b in taps)]
+        out = self._session_for(taps).run(names, {self._input: self._input_array(batch)})
+        maps = {
+            b: np.ascontiguousarray(m, dtype=np.float32) for b, m in zip(taps, out[1:], strict=True)
+        }
+        return np.asarray(out[0], dtype=np.float32), maps
+
     def __repr__(self) -> str:
-        return f"OnnxRuntimeBackend({self.name}, {self.model_path.name}, threads={self.threads})"
+        return (
+            f"OnnxRuntimeBackend({self.name}, {self.model_path.name}, threads={self.threads}, "
+            f"taps={list(self.taps)})"
+        )

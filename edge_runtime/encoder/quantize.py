@@ -29,6 +29,7 @@ from edge_runtime.encoder.export import (
     _atomic_target,
     build_manifest,
     manifest_path_for,
+    manifest_taps,
     read_manifest,
     spec_from_manifest,
     write_manifest,
@@ -120,8 +121,15 @@ def quantize_onnx(
     if calibration is not None and mode == "static":
         extra["quantization"]["calibration_frames"] = len(calibration)
         extra["quantization"]["calibration_sha256"] = calibration_digest(calibration)
+    # Quantisation keeps the graph's outputs, tap maps included.
     manifest = build_manifest(
-        "onnx", dst, spec, max_batch=_max_batch(src), precision="int8", extra=extra
+        "onnx",
+        dst,
+        spec,
+        max_batch=_max_batch(src),
+        precision="int8",
+        extra=extra,
+        taps=manifest_taps(read_manifest(src)),
     )
     write_manifest(manifest, manifest_path_for(dst))
     log.info("quantised encoder (%s INT8) written to %s", mode, dst)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from edge_runtime.config.schema import EncoderConfig
-from edge_runtime.encoder.backend import EncoderBackend, TorchBackend
+from edge_runtime.encoder.backend import TAP_BLOCKS, EncoderBackend, TorchBackend
 from edge_runtime.encoder.export import relative_error
 from edge_runtime.errors import BackendUnavailableError, ConfigError
 
@@ -188,13 +188,17 @@ def build_candidate(name: str, s: EncoderSettings) -> tuple[EncoderBackend, str,
             batch_shapes=shapes,
             cache_dir=s.engine_cache_dir,
             device=s.device,
+            taps=TAP_BLOCKS,
         )
         return backend, precision, notes
     if name.startswith("onnxruntime"):
         from edge_runtime.encoder.onnx_backend import OnnxRuntimeBackend, cached_onnx
 
         device = s.device if name.endswith("cuda") else "cpu"
-        path, _ = cached_onnx(s.input_size, s.layers, s.weights, cache_dir=s.onnx_cache_dir)
+        # The runtime's ONNX encoder carries the search space's taps for conv adaptors.
+        path, _ = cached_onnx(
+            s.input_size, s.layers, s.weights, cache_dir=s.onnx_cache_dir, taps=TAP_BLOCKS
+        )
         if s.precision == "int8" and device == "cpu":
             if s.calibration is None:
                 notes.append("int8 needs calibration frames; running fp32")

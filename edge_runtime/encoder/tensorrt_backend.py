@@ -11,6 +11,10 @@ load is deleted and rebuilt; a new engine is reloaded from disk and run at min, 
 and max batch before it is renamed into place, so a restart always finds one that
 loads.
 
+An engine built with ``taps`` (see :data:`~edge_runtime.encoder.backend.TAP_BLOCKS`)
+returns ``(features, *maps)``: the pooled features and the map of each tapped block, from
+the same TensorRT execution. The taps are part of the engine key.
+
 torch-tensorrt is imported lazily: it exists only on NVIDIA machines (Jetson
 JetPack wheels, or x86 CUDA builds), never on the CPU build machines.
 """
@@ -32,7 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_runtime.encoder.backend import DEFAULT_INPUT_SIZE, DEFAULT_LAYERS, FeatureSpec
+from edge_runtime.encoder.backend import (
+    DEFAULT_INPUT_SIZE,
+    DEFAULT_LAYERS,
+    FeatureSpec,
+    normalise_taps,
+    tap_shape,
+)
 from edge_runtime.encoder.export import (
     EXPORT_REVISION,
     _atomic_target,
@@ -148,6 +158,7 @@ class EngineKey:
     sm_count: int = 0
     memory_gib: int = 0
     revision: int = EXPORT_REVISION
+    taps: tuple[int, ...] = ()
 
     @classmethod
     def make(
@@ -159,6 +170,7 @@ class EngineKey:
         tensorrt_version: str | None = None,
         *,
         facts: EngineFacts | None = None,
+        taps: Sequence[int] = (),
     ) -> EngineKey:
         """The key: a pure function of the spec, precision, shapes and the machine's facts.
         ``device_name``/``tensorrt_version`` alone (no ``facts``) leave the rest unknown."""
@@ -185,10 +197,16 @@ class EngineKey:
             compute_capability=facts.compute_capability,
             sm_count=facts.sm_count,
             memory_gib=facts.memory_gib,
+            taps=normalise_taps(taps),
         )
 
+    def record(self) -> dict[str, Any]:
+        """The key as JSON data (the manifest's ``engine_key``). An untapped key leaves
+        ``taps`` out, so engines cached before taps existed keep their name and still load."""
+        return _key_record(asdict(self))
+
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()
 
     def path(self, cache_dir: str | Path) -> Path:
         return Path(cache_dir).expanduser() / f"encoder-{self.precision}-{self.digest()[:24]}.ep"
@@ -207,6 +225,14 @@ def validate_batch_shapes(batch_shapes: Sequence[int]) -> tuple[int, int, int]:
 
 def _freeze(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
+
+
+def _key_record(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON-normal form of a key dict (tuples as lists), without an empty ``taps``."""
+    out = json.loads(json.dumps(d, default=list))
+    if not out.get("taps"):
+        out.pop("taps", None)
+    return out
 
 
 def trt_precision(precision: str) -> str:
@@ -281,20 +307,40 @@ def save_kwargs(
     return kwargs
 
 
+def engine_outputs(out: Any, n_taps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(features, maps) from a compiled module's output: a tensor when untapped, else a
+    tuple/list ``(features, *maps)``; InputError if the count is not 1 + ``n_taps``."""
+    parts = list(out) if isinstance(out, (tuple, list)) else [out]
+    if len(parts) != 1 + n_taps:
+        raise InputError(
+            f"TensorRT engine returns {len(parts)} outputs; expected features and {n_taps} maps"
+        )
+    return parts[0], parts[1:]
+
+
 def check_engine(
     module: Callable[[torch.Tensor], Any], key: EngineKey, spec: FeatureSpec, device: str
 ) -> None:
     """Run ``module`` at min, opt and max batch; InputError unless each gives finite
-    (N, dim) features."""
+    (N, dim) features and, for a tapped key, finite (N, C, h, w) maps."""
     s = spec.input_size
     for n in sorted({key.min_batch, key.opt_batch, key.max_batch}):
         with torch.inference_mode():
-            out = module(torch.randn(n, 3, s, s, device=device))
-        if tuple(out.shape) != (n, spec.dim) or not bool(torch.isfinite(out).all()):
+            feats, maps = engine_outputs(
+                module(torch.randn(n, 3, s, s, device=device)), len(key.taps)
+            )
+        if tuple(feats.shape) != (n, spec.dim) or not bool(torch.isfinite(feats).all()):
             raise InputError(
-                f"TensorRT engine gives {tuple(out.shape)} (or non-finite) features at batch "
+                f"TensorRT engine gives {tuple(feats.shape)} (or non-finite) features at batch "
                 f"{n}; expected ({n}, {spec.dim})"
             )
+        for b, m in zip(key.taps, maps, strict=True):
+            want = (n, *tap_shape(b, s))
+            if tuple(m.shape) != want or not bool(torch.isfinite(m).all()):
+                raise InputError(
+                    f"TensorRT engine gives a {tuple(m.shape)} (or non-finite) map for tap {b} "
+                    f"at batch {n}; expected {want}"
+                )
 
 
 def compile_engine(
@@ -308,7 +354,7 @@ def compile_engine(
     only then rename it to ``path``. Returns the reloaded module."""
     tt = _torch_tensorrt()
     s = spec.input_size
-    program = export_program(module, spec, max_batch=key.max_batch, device=device)
+    program = export_program(module, spec, max_batch=key.max_batch, device=device, taps=key.taps)
     example = torch.randn(key.opt_batch, 3, s, s, device=device)
     inputs = [
         tt.Input(
@@ -343,7 +389,8 @@ def compile_engine(
         spec,
         max_batch=key.max_batch,
         precision=key.precision,
-        extra={"engine_key": asdict(key), "built_precision": built},
+        extra={"engine_key": key.record(), "built_precision": built},
+        taps=key.taps,
     )
     write_manifest(manifest, manifest_path_for(path))
     log.info("TensorRT engine built with precision %s, cached at %s", built, path)
@@ -381,7 +428,7 @@ def load_engine(
         recorded = json.loads(mpath.read_text()).get("engine_key")
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
-    if recorded != json.loads(json.dumps(asdict(key))):
+    if not isinstance(recorded, dict) or _key_record(recorded) != key.record():
         return None
     if loader is None:
         tt = _torch_tensorrt()
@@ -399,7 +446,8 @@ def load_engine(
 
 
 class TensorRTBackend:
-    """Encoder compiled by torch-tensorrt; engines cached per device/TensorRT/precision/shapes."""
+    """Encoder compiled by torch-tensorrt; engines cached per device/TensorRT/precision/shapes
+    (and taps: an engine built with taps also returns those blocks' maps)."""
 
     def __init__(self, module: torch.nn.Module, spec: FeatureSpec, key: EngineKey, device: str):
         self.module = module
@@ -407,6 +455,8 @@ class TensorRTBackend:
         self.key = key
         self.device = torch.device(device)
         self.name = f"tensorrt-{key.precision}"
+        self.taps: tuple[int, ...] = key.taps
+        self.supports_taps = bool(key.taps)
 
     @classmethod
     def mobilenet(
@@ -419,6 +469,7 @@ class TensorRTBackend:
         batch_shapes: Sequence[int] = DEFAULT_BATCH_SHAPES,
         cache_dir: str | Path = "~/.cache/edge_runtime/engines",
         device: str = "cuda:0",
+        taps: Sequence[int] = (),
     ) -> TensorRTBackend:
         _torch_tensorrt()  # fail fast, before loading weights
         from edge_runtime.encoder.backend import build_feature_module
@@ -434,6 +485,7 @@ class TensorRTBackend:
             batch_shapes=batch_shapes,
             cache_dir=cache_dir,
             device=device,
+            taps=taps,
         )
 
     @classmethod
@@ -446,11 +498,16 @@ class TensorRTBackend:
         batch_shapes: Sequence[int] = DEFAULT_BATCH_SHAPES,
         cache_dir: str | Path = "~/.cache/edge_runtime/engines",
         device: str = "cuda:0",
+        taps: Sequence[int] = (),
     ) -> TensorRTBackend:
         _torch_tensorrt()
         dev = torch.device(device)
         key = EngineKey.make(
-            spec, trt_precision(precision), batch_shapes, facts=EngineFacts.detect(dev)
+            spec,
+            trt_precision(precision),
+            batch_shapes,
+            facts=EngineFacts.detect(dev),
+            taps=taps,
         )
         path = key.path(cache_dir)
         compiled = load_engine(path, key)
@@ -467,22 +524,46 @@ class TensorRTBackend:
             log.info("using cached TensorRT engine %s", path)
         return cls(compiled, spec, key, str(dev))
 
-    @torch.inference_mode()
     def encode(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        feats, _maps = self._run(batch, ())
+        return feats
+
+    def encode_taps(
+        self, batch: torch.Tensor | np.ndarray, taps: tuple[int, ...]
+    ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Features and the maps of ``taps`` (a subset of the engine's) from one execution."""
+        taps = normalise_taps(taps)
+        missing = [b for b in taps if b not in self.taps]
+        if missing:
+            have = f"taps {list(self.taps)}" if self.taps else "no taps"
+            raise InputError(
+                f"TensorRT engine {self.name} was built with {have}, not block(s) {missing}; "
+                "rebuild it with those taps (TensorRTBackend.mobilenet(..., taps=...))"
+            )
+        return self._run(batch, taps)
+
+    @torch.inference_mode()
+    def _run(
+        self, batch: torch.Tensor | np.ndarray, taps: tuple[int, ...]
+    ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         x = torch.as_tensor(batch, dtype=torch.float32)
         s = self.spec.input_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s) or x.shape[0] == 0:
             raise InputError(f"encoder input must be (N,3,{s},{s}) with N>0, got {tuple(x.shape)}")
         n = x.shape[0]
-        if n > self.key.max_batch:  # the engine's profile ends at max_batch: split the batch
-            return np.concatenate(
-                [
-                    self.encode(x[i : i + self.key.max_batch])
-                    for i in range(0, n, self.key.max_batch)
-                ]
-            )
+        step = self.key.max_batch
+        if n > step:  # the engine's profile ends at max_batch: split the batch
+            parts = [self._run(x[i : i + step], taps) for i in range(0, n, step)]
+            return np.concatenate([p[0] for p in parts]), {
+                b: np.concatenate([p[1][b] for p in parts]) for b in taps
+            }
         if n < self.key.min_batch:
             pad = x[-1:].expand(self.key.min_batch - n, -1, -1, -1)
-            return self.encode(torch.cat([x, pad]))[:n]
-        out = self.module(x.to(self.device).contiguous())
-        return out.float().cpu().numpy()
+            feats, maps = self._run(torch.cat([x, pad]), taps)
+            return feats[:n], {b: m[:n] for b, m in maps.items()}
+        feats, outs = engine_outputs(self.module(x.to(self.device).contiguous()), len(self.taps))
+        # Only the maps asked for leave the GPU; the engine computes the rest regardless.
+        by_block = dict(zip(self.taps, outs, strict=True))
+        return feats.float().cpu().numpy(), {
+            b: by_block[b].float().contiguous().cpu().numpy() for b in taps
+        }

@@ -175,13 +175,20 @@ COMMAND_ARGS: dict[str, dict[str, tuple[type, ...]]] = {
         "source_device": (str,),
         "source_domain": (int,),
     },
+    # End the label collection under way (an operator's deadline passed): adapt on the labels
+    # already in, else resume watching. ``trigger_frame`` names the flag meant (a newer
+    # collection is left alone); ``reason`` is reported in the event.
+    "expire_labels": {"reason": (str,), "trigger_frame": (int,)},
 }
 #: Arguments a command may leave out.
 OPTIONAL_ARGS: dict[str, frozenset[str]] = {
     "adapt_now": frozenset({"kind"}),
     "rollback": frozenset({"version"}),
     "install_adaptor": frozenset({"source_device", "source_domain"}),
+    "expire_labels": frozenset({"reason", "trigger_frame"}),
 }
+#: Longest ``reason`` an ``expire_labels`` command may carry (it goes into an event).
+MAX_REASON_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -225,7 +232,23 @@ class CommandMessage:
             raise PayloadError("command: field 'time' must be a number")
         if name == "labels":
             _check_labels(args)
+        if name == "expire_labels":
+            _check_expire_labels(args)
         return cls(name, dict(args), cid, float(t))
+
+
+def _check_expire_labels(args: dict[str, Any]) -> None:
+    trigger = args.get("trigger_frame")
+    if trigger is not None and trigger < 0:
+        raise PayloadError(
+            f"command 'expire_labels': trigger_frame must be a non-negative frame, got {trigger}"
+        )
+    reason = args.get("reason")
+    if reason is not None and len(reason) > MAX_REASON_CHARS:
+        raise PayloadError(
+            f"command 'expire_labels': reason is {len(reason)} characters; "
+            f"the limit is {MAX_REASON_CHARS}"
+        )
 
 
 def _check_labels(args: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ finishes, and the loop reports that it was interrupted.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from edge_runtime.runtime import Decisions, Runtime
 
 Event = dict[str, Any]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,10 @@ class ServeLoop:
             if len(answered.indices):
                 rt.feedback(answered.indices, answered.labels)
             events = [*dec.events, *rt.drain_events()]
+            if not served:
+                # The first decisions of this process: a restart is serving again (the kill
+                # tests time a restart by this line).
+                log.info("first batch served: frames %d..%d", batch.start, batch.stop)
             served = batch.stop
             item = ServedBatch(batch, dec, answered, events, ready, served_at)
             for observe in self.observers:

@@ -112,7 +112,11 @@ def prepare(rt: Runtime, stream: Stream, *, progress: bool = False) -> BaseSetup
     )
     # Nothing the runtime predicts changes before its first adaptation, so this is the
     # accuracy at the first drift flag, taken here so the snapshot never stalls serving.
-    eval_before = rt.predict_eval(features=eval_x)[0] if has_eval and len(rt.domains) == 1 else None
+    eval_before = (
+        rt.predict_eval(stream.eval_images, features=eval_x)[0]
+        if has_eval and len(rt.domains) == 1
+        else None
+    )
     return BaseSetup(train_x, eval_x, eval_before, fit_report, time.perf_counter() - t0)
 
 
@@ -363,7 +367,7 @@ def _run(
             if outcome.interrupted:
                 log.warning("interrupted after %d of %d frames; writing outputs", outcome.served, n)
             eval_pred = (
-                rt.predict_eval(features=setup.eval_x)[0]
+                rt.predict_eval(stream.eval_images, features=setup.eval_x)[0]
                 if setup.has_eval
                 else np.zeros(0, np.int64)
             )

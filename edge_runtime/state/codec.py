@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.adapt.adaptor import AdaptorArch
 from edge_runtime.adapt.domains import DomainSet
 from edge_runtime.adapt.executor import AdaptationExecutor, TrainSet
 from edge_runtime.config.schema import RuntimeConfig, validate_config
@@ -31,8 +32,11 @@ from edge_runtime.state.checkpoint import IncompatibleCheckpoint
 CHECKPOINT_KIND = "edge_runtime.runtime"
 # 3: the domain signature's window of recent OOD frames. Version 2 states (without it) still
 # load, with an empty window: nothing else changed.
-STATE_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+# 4: a training job keeps the architecture the search chose (its rows are in that
+# architecture's input space), and label collections and replay buffers keep their frames.
+# Older states load: their jobs' rows are pooled features, searched again.
+STATE_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 
 
 @dataclass
@@ -88,6 +92,7 @@ def encode(parts: StateParts) -> dict[str, Any]:
                 "features": t.features,
                 "labels": t.labels,
                 "weight": t.weight if t.weight is not None else np.zeros(0, np.float32),
+                "arch": None if t.arch is None else t.arch.to_dict(),
             }
             for did, t in jobs
         ],
@@ -138,6 +143,7 @@ def decode(state: dict[str, Any], parts: StateParts, source: str) -> None:
         jobs = []
         for rec in state["training"]:
             w = np.asarray(rec["weight"], dtype=np.float32)
+            arch = rec.get("arch")
             jobs.append(
                 (
                     int(rec["domain"]),
@@ -145,6 +151,7 @@ def decode(state: dict[str, Any], parts: StateParts, source: str) -> None:
                         np.asarray(rec["features"], dtype=np.float32),
                         np.asarray(rec["labels"], dtype=np.int64),
                         w if len(w) else None,
+                        None if arch is None else AdaptorArch.from_dict(arch),
                     ),
                 )
             )
