@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS_MD.write_text(text)
         return 0
     t_start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
     # The grid is thousands of tiny full-batch steps: one thread each is several times faster
     # than two on shared cores. The wall-time rows below run at the runtime's own count.
     runtime_threads = torch.get_num_threads()

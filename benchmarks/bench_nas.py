@@ -57,9 +57,13 @@ EXTRA_VOTES = (
     "vote:ridge_loo+snip",
     "vote:ridge_loo+ncm",
     "vote:ridge_loo+grad_norm",
+    "vote:lga+ncm",
+    "vote:lga+grad_norm",
+    "vote:lga+snip",
+    "vote:lga+ridge_loo",
 )
 CONDITIONS = ("none", "median3", "blur")
-REFINE_PROXIES = ("grad_norm", "snip", "ncm", "vote:ncm+grad_norm")
+REFINE_PROXIES = ("ncm", "vote:ncm+snip", "vote:ncm+grad_norm")
 
 
 @dataclass
@@ -115,11 +119,24 @@ def draw(seg: Segment, shots: int, n_eval: int, seed: int, used: dict[str, set[i
 
 
 def regret_of(
-    sc: list[float], acc: np.ndarray, space: list[AdaptorArch], n_cls: int, idx: list[int]
+    scores: dict[str, list[float]],
+    p: str,
+    acc: np.ndarray,
+    space: list[AdaptorArch],
+    n_cls: int,
+    idx: list[int],
 ) -> float:
-    """Points lost picking by scores ``sc`` among ``idx`` (ties: fewer MACs, as the search)."""
-    i = min(idx, key=lambda j: (-sc[j], space[j].macs(n_cls)))
-    return float(acc[idx].max() - acc[i])
+    """Points lost picking by proxy ``p`` among ``idx`` (ties: fewer MACs, as the search). A
+    vote is re-ranked within ``idx``: its ranks depend on the population, as in the search."""
+    vote = PROXIES.get(p)
+    if p.startswith("vote:"):
+        vote = RankVote(tuple(p[5:].split("+")))
+    if isinstance(vote, RankVote):
+        sub = vote.aggregate({m: [scores[m][j] for j in idx] for m in vote.members})
+    else:
+        sub = [scores[p][j] for j in idx]
+    t = min(range(len(idx)), key=lambda j: (-sub[j], space[idx[j]].macs(n_cls)))
+    return float(acc[idx].max() - acc[idx[t]])
 
 
 def spearman(a, b) -> float:
@@ -144,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="default: adapt.steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra-max-macs", type=int, default=400_000)
+    ap.add_argument(
+        "--also-time",
+        default=None,
+        help="comma-separated proxy:refine_top specs whose default-space search is also timed",
+    )
     ap.add_argument(
         "--rescore",
         default=None,
@@ -275,13 +297,28 @@ def main(argv: list[str] | None = None) -> int:
                 "regret_points": float(acc[in_budget].max() - acc[i]),
                 "seconds": r.report["seconds"],
             }
+        d_idx = [space.index(a) for a in default if a in space and budget.allows(a, len(label_map))]
+        timings = {}
+        for spec in filter(None, (args.also_time or "").split(",")):
+            name, _, top = spec.rpartition(":")
+            t = time.perf_counter()
+            fresh = EncodedInputs(enc, images[:k], enc_by_cond["none"].features[:k])
+            r = ZeroShotSearch(proxy=name, input_size=size, refine_top=int(top)).search(
+                fresh, ys, label_map, budget
+            )
+            timings[spec] = {
+                "seconds": time.perf_counter() - t,
+                "pick": r.arch.label(),
+                "regret_points": (
+                    float(max(acc[d_idx]) - acc[space.index(r.arch)]) if r.arch in space else None
+                ),
+            }
         t = time.perf_counter()
         live = EncodedInputs(enc, images[:k], enc_by_cond["none"].features[:k])
         res_d = ZeroShotSearch(space=None, proxy=args.proxy, input_size=size).search(
             live, ys, label_map, budget
         )
         search_s = time.perf_counter() - t
-        d_idx = [space.index(a) for a in default if a in space and budget.allows(a, len(label_map))]
         pick_d = space.index(res_d.arch) if res_d.arch in space else None
 
         fixed_acc = float(acc[space.index(fixed)])
@@ -305,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             "regret_points": float(acc[in_budget].max() - acc[pick]),
             "budget": budget.to_dict(),
             "regret_by_proxy": {
-                p: regret_of(scores[p], acc, space, len(label_map), in_budget) for p in scores
+                p: regret_of(scores, p, acc, space, len(label_map), in_budget) for p in scores
             },
             "default_space": {
                 "pick": res_d.arch.label(),
@@ -313,13 +350,14 @@ def main(argv: list[str] | None = None) -> int:
                 "best": space[d_idx[int(np.argmax(acc[d_idx]))]].label(),
                 "regret_points": None if pick_d is None else float(max(acc[d_idx]) - acc[pick_d]),
                 "regret_by_proxy": {
-                    p: regret_of(scores[p], acc, space, len(label_map), d_idx) for p in scores
+                    p: regret_of(scores, p, acc, space, len(label_map), d_idx) for p in scores
                 },
                 "search_seconds": search_s,
                 "encoder_passes": live.passes,
                 "report": res_d.report,
             },
             "refine_top3": refine,
+            "search_timings": timings,
             "gain_best_over_fixed": float(acc.max() - fixed_acc),
             "gain_pick_over_fixed": float(acc[pick] - fixed_acc),
             "train_seconds_total": float(sum(train_s)) if old is None else None,

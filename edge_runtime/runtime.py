@@ -36,8 +36,8 @@ import torch
 from edge_runtime.adapt.bundle import export_domain, hdc_fingerprint
 from edge_runtime.adapt.controller import AdaptationController
 from edge_runtime.adapt.domains import BASE_DOMAIN, DomainSet
-from edge_runtime.adapt.executor import AdaptationExecutor, GrowthBudget
-from edge_runtime.adapt.init import Initializer, PrototypeInit
+from edge_runtime.adapt.executor import BUILD_WAIT_S, AdaptationExecutor, GrowthBudget
+from edge_runtime.adapt.init import Initializer, PrototypeInit, StandardInit
 from edge_runtime.adapt.planner import (
     KNOWN_DOMAIN,
     AdaptationPlanner,
@@ -74,8 +74,6 @@ __all__ = [
     "make_registry",
 ]
 
-#: How long a checkpoint waits for a domain build (search + memory) in flight.
-BUILD_WAIT_S = 120.0
 #: Base-domain features kept per class for replay in every new head's training set.
 BASE_REPLAY_PER_CLASS = 500
 
@@ -146,7 +144,7 @@ class Runtime:
         # starting weights. Defaults: a linear head started at the class prototypes.
         self.executor = AdaptationExecutor(
             search if search is not None else make_search(cfg, self.encoder),
-            initializer if initializer is not None else PrototypeInit(),
+            initializer if initializer is not None else make_initializer(cfg, self.encoder_hash),
             steps=cfg.adapt.steps,
             lr=cfg.adapt.lr,
             seed=cfg.hdc.seed,
@@ -530,6 +528,20 @@ def make_monitor(config: RuntimeConfig) -> DriftMonitor:
 
 def make_registry(config: RuntimeConfig) -> DomainRegistry:
     return DomainRegistry(max_adaptors=config.adapt.max_adaptors, eviction=config.adapt.eviction)
+
+
+def make_initializer(config: RuntimeConfig, encoder_hash: str) -> Initializer:
+    """The initialiser plug point the config asks for (``adapt.init``)."""
+    a = config.adapt
+    if a.init == "meta":
+        from edge_runtime.adapt.init import MetaInit
+
+        return MetaInit(a.meta_init, encoder_hash)
+    if a.meta_init is not None:
+        from edge_runtime.errors import ConfigError
+
+        raise ConfigError("adapt.meta_init is set but adapt.init is not 'meta'")
+    return StandardInit() if a.init == "standard" else PrototypeInit()
 
 
 def make_search(config: RuntimeConfig, encoder: Encoder) -> ArchitectureSearch:

@@ -37,7 +37,8 @@ def test_defaults_match_the_documented_schema() -> None:
     assert cfg.telemetry.interval_s == 5.0
     # Fields whose readers are not written yet default to off.
     assert not cfg.fleet.enabled and not cfg.telemetry.enabled
-    assert not cfg.adapt.meta_init and cfg.device.power_budget_w is None
+    assert cfg.adapt.init == "prototype" and cfg.adapt.meta_init is None
+    assert cfg.device.power_budget_w is None
     # The zero-shot search is on by default, inside a per-adaptor parameter limit.
     assert cfg.adapt.nas and cfg.adapt.max_adaptor_params == 300_000
     # "~" is expanded once, at validation.
@@ -172,7 +173,6 @@ def test_overrides_with_typed_values() -> None:
 ENABLED = {
     "device.power_budget_w": 15.0,
     "hdc.packed": False,
-    "adapt.meta_init": True,
 }
 
 
@@ -223,8 +223,8 @@ def test_configs_stored_by_older_builds_can_be_reset() -> None:
     from edge_runtime.config import reset_unimplemented
 
     stored = RuntimeConfig().model_dump(mode="json")
-    stored["adapt"]["meta_init"] = True
-    with pytest.raises(ConfigError, match=r"adapt\.meta_init"):
+    stored["hdc"]["packed"] = False
+    with pytest.raises(ConfigError, match=r"hdc\.packed"):
         validate_config(stored)
     assert validate_config(reset_unimplemented(stored)) == RuntimeConfig()
-    assert stored["adapt"]["meta_init"] is True
+    assert stored["hdc"]["packed"] is False

@@ -393,11 +393,11 @@ def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert _cli(["profile", "validate", str(typo)]) == 2
     assert "hdc.dimension: unknown key" in capsys.readouterr().err
     claims = tmp_path / "claims.yaml"
-    claims.write_text("adapt:\n  nas: true\n  meta_init: true\n")
+    claims.write_text("adapt:\n  nas: true\nhdc:\n  packed: false\n")
     assert _cli(["profile", "validate", str(claims)]) == 2
     err = capsys.readouterr().err
     assert "adapt.nas" not in err
-    assert "adapt.meta_init: not implemented yet" in err
+    assert "hdc.packed: not implemented yet" in err
 
 
 def test_cli_show_list_detect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -428,6 +428,6 @@ def test_cli_through_main_entry_point(capsys: pytest.CaptureFixture[str]) -> Non
     # A subcommand module that fails to import must fail this test, not skip it.
     cli.build_parser()
     assert cli.main(["profile", "validate", *sorted(EXPECTED)]) == 0
-    assert cli.main(["profile", "show", "x86-dev", "--set", "adapt.meta_init=true"]) == 2
-    assert "adapt.meta_init: not implemented yet" in capsys.readouterr().err
+    assert cli.main(["profile", "show", "x86-dev", "--set", "hdc.packed=false"]) == 2
+    assert "hdc.packed: not implemented yet" in capsys.readouterr().err
     assert cli.main(["profile", "show", "no-such-board"]) == 2

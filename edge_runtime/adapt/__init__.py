@@ -14,6 +14,8 @@ from edge_runtime.adapt.init import (
     StandardInit,
     make_initializer,
 )
+from edge_runtime.adapt.nas import DEFAULT_PROXY, LatencyTable, ZeroShotSearch
+from edge_runtime.adapt.proxies import PROXIES
 from edge_runtime.adapt.registry import (
     Domain,
     DomainRegistry,
@@ -24,26 +26,36 @@ from edge_runtime.adapt.router import RouteDecision, Router
 from edge_runtime.adapt.search import (
     SEARCH_SPACE,
     ArchitectureSearch,
+    ArrayInputs,
+    CandidateInputs,
+    EncodedInputs,
     FixedArchitecture,
     SearchBudget,
     SearchResult,
     default_search_space,
 )
+from edge_runtime.adapt.space import default_space, sample_space
 from edge_runtime.adapt.worker import AdaptationWorker, JobResult, WorkerBusyError
 
 __all__ = [
+    "DEFAULT_PROXY",
     "INITIALIZERS",
+    "PROXIES",
     "SEARCH_SPACE",
     "AdaptationWorker",
     "Adaptor",
     "AdaptorArch",
     "ArchitectureSearch",
+    "ArrayInputs",
+    "CandidateInputs",
     "Domain",
     "DomainRegistry",
+    "EncodedInputs",
     "EvictionEvent",
     "FixedArchitecture",
     "Initializer",
     "JobResult",
+    "LatencyTable",
     "PrototypeInit",
     "RegistryFullError",
     "RouteDecision",
@@ -53,8 +65,11 @@ __all__ = [
     "StandardInit",
     "TrainReport",
     "WorkerBusyError",
+    "ZeroShotSearch",
     "build_adaptor",
     "default_search_space",
+    "default_space",
     "make_initializer",
+    "sample_space",
     "train_adaptor",
 ]

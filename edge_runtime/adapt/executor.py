@@ -62,8 +62,16 @@ log = logging.getLogger(__name__)
 #: fewer steps (at least ``MIN_JOB_STEPS``).
 JOB_ROW_STEPS = 160_000
 MIN_JOB_STEPS = 50
+#: The same bound in multiply-accumulates (rows x the adaptor's MACs per row x steps): a conv
+#: adaptor on a tap costs up to a few million MACs a row where a linear head costs 13 thousand,
+#: so its job takes fewer steps (about ten seconds on one core at most, not minutes).
+JOB_MAC_STEPS = 40_000_000_000
+#: How long a checkpoint (or an unpaced replay) waits for a domain build in flight: the search
+#: and the memory, seconds.
+BUILD_WAIT_S = 120.0
 #: Replay frames per class re-encoded for an adaptor on an intermediate tap (each costs an
-#: encoder pass, and a tap row is up to 6,144 floats where a pooled one is 1,304).
+#: encoder pass and a conv adaptor's training MACs, and a tap row is up to 6,144 floats where a
+#: pooled one is 1,304).
 TAP_REPLAY_PER_CLASS = 100
 
 
@@ -206,7 +214,8 @@ class AdaptationExecutor:
         self._builds: deque[BuildContext] = deque()  # before any training: they install domains
         self._running: tuple[int, TrainSet] | None = None
         self._building: BuildContext | None = None
-        self._worker: AdaptationWorker | None = None
+        self._worker: AdaptationWorker | None = None  # training
+        self._builder: AdaptationWorker | None = None  # builds
 
     # -- heads ---------------------------------------------------------------------------------
     def shot_inputs(self, features: np.ndarray, images: np.ndarray | None) -> CandidateInputs:
@@ -293,9 +302,12 @@ class AdaptationExecutor:
         )
         return adaptor, report | {"train": tr.to_dict()}
 
-    def job_steps(self, rows: int) -> int:
+    def job_steps(self, rows: int, arch: AdaptorArch | None = None, n_classes: int = 1) -> int:
         """Off the serving path but sharing its cores: bound a job's compute."""
-        return min(self.steps, max(MIN_JOB_STEPS, JOB_ROW_STEPS // max(rows, 1)))
+        bound = JOB_ROW_STEPS // max(rows, 1)
+        if arch is not None:
+            bound = min(bound, JOB_MAC_STEPS // max(rows * arch.macs(n_classes), 1))
+        return min(self.steps, max(MIN_JOB_STEPS, bound))
 
     def build_base(
         self,
@@ -389,7 +401,8 @@ class AdaptationExecutor:
         arch = arch.with_in_dim(inputs.get(arch.tap, arch.condition).shape[1])
         r_rows, r_y, r_note = self._replay_rows(arch, rx, ry, rimg, self.seed + did)
         train = with_replay(inputs.get(arch.tap, arch.condition), y, r_rows, r_y, arch)
-        steps = 0 if self.background else self.job_steps(len(train.labels))
+        n_cls = len(set(train.labels.tolist()))
+        steps = 0 if self.background else self.job_steps(len(train.labels), arch, n_cls)
         adaptor, report = self.train_head(train, did, steps=steps, threads=threads)
         report.update(search_report)
         report["search_seconds"] = round(search_s, 4)
@@ -455,59 +468,65 @@ class AdaptationExecutor:
 
     # -- the worker ----------------------------------------------------------------------------
     def _start_next(self) -> None:
-        if self._running is not None or self._building is not None:
-            return
-        if not self._queue and not self._builds:
-            return
-        if self._worker is None:
-            self._worker = AdaptationWorker(torch_threads=1, default_timeout_s=self.timeout_s)
-        if self._builds:
+        # Builds and training have a worker each: a build (seconds) never waits behind a long
+        # training job, so a second drift's domain installs while the first head trains.
+        if self._building is None and self._builds:
+            if self._builder is None:
+                self._builder = AdaptationWorker(torch_threads=1, default_timeout_s=self.timeout_s)
             ctx = self._builds.popleft()
             self._building = ctx
-            self._worker.submit(
+            self._builder.submit(
                 lambda cancel: self._build(ctx), name=f"build-domain-{ctx.plan.domain_id}"
             )
-            return
-        domain_id, train = self._queue.popleft()
-        self._running = (domain_id, train)
-        self._worker.submit(
-            lambda cancel: self._train_job(domain_id, train, cancel),
-            name=f"train-domain-{domain_id}",
-        )
+        if self._running is None and self._queue:
+            if self._worker is None:
+                self._worker = AdaptationWorker(torch_threads=1, default_timeout_s=self.timeout_s)
+            domain_id, train = self._queue.popleft()
+            self._running = (domain_id, train)
+            self._worker.submit(
+                lambda cancel: self._train_job(domain_id, train, cancel),
+                name=f"train-domain-{domain_id}",
+            )
 
     def _train_job(self, domain_id: int, train: TrainSet, cancel: Any = None) -> HeadTrained:
         """Phase two: the head trained with the job's bounded steps."""
         t0 = time.perf_counter()
-        steps = self.job_steps(len(train.labels))
+        n_cls = len(set(train.labels.tolist()))
+        steps = self.job_steps(len(train.labels), train.arch, n_cls)
         adaptor, report = self.train_head(train, domain_id, steps=steps, cancel=cancel)
         report.update(domain=domain_id, seconds=time.perf_counter() - t0)
         return HeadTrained(domain_id, adaptor, report)
 
     def _collect(self) -> None:
-        if self._worker is None or (self._running is None and self._building is None):
-            return
-        done: JobResult | None = self._worker.poll()
-        if done is None:
-            return
-        where = "build" if self._building is not None else "train"
-        if self._building is not None:
-            domain_id = self._building.plan.domain_id
-        else:
-            assert self._running is not None
-            domain_id = self._running[0]
-        self._running = self._building = None
-        if done.ok:
-            self._ready.append(done.value)
-            if isinstance(done.value, DomainBuilt) and done.value.train_set is not None:
-                self._queue.append((domain_id, done.value.train_set))
-        else:
-            what = f"{'adaptation (phase one)' if where == 'build' else 'training job'}"
-            if done.traceback:
-                log.error("%s for domain %d failed:\n%s", what, domain_id, done.traceback)
-            else:
-                log.error("%s for domain %d: %s", what, domain_id, done.error or done.status)
-            self._ready.append(JobFailed(where, done.error or done.status, domain_id))
+        if self._builder is not None and self._building is not None:
+            done = self._builder.poll()
+            if done is not None:
+                domain_id = self._building.plan.domain_id
+                self._building = None
+                if done.ok:
+                    self._ready.append(done.value)
+                    if done.value.train_set is not None:
+                        self._queue.append((domain_id, done.value.train_set))
+                else:
+                    self._failed("build", domain_id, done)
+        if self._worker is not None and self._running is not None:
+            done = self._worker.poll()
+            if done is not None:
+                domain_id = self._running[0]
+                self._running = None
+                if done.ok:
+                    self._ready.append(done.value)
+                else:
+                    self._failed("train", domain_id, done)
         self._start_next()
+
+    def _failed(self, where: str, domain_id: int, done: JobResult) -> None:
+        what = "adaptation (phase one)" if where == "build" else "training job"
+        if done.traceback:
+            log.error("%s for domain %d failed:\n%s", what, domain_id, done.traceback)
+        else:
+            log.error("%s for domain %d: %s", what, domain_id, done.error or done.status)
+        self._ready.append(JobFailed(where, done.error or done.status, domain_id))
 
     def poll(self) -> list[Finished]:
         """Everything finished since the last poll, in order; starts the next queued job."""
@@ -543,8 +562,9 @@ class AdaptationExecutor:
 
         while pending():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            assert self._worker is not None
-            if not self._worker.wait(left):
+            worker = self._builder if self._building is not None else self._worker
+            assert worker is not None
+            if not worker.wait(left):
                 return False
             self._collect()
         return True
@@ -553,9 +573,10 @@ class AdaptationExecutor:
         """Drop queued jobs and ask the running one to stop (reported as failed: cancelled)."""
         self._queue.clear()
         self._builds.clear()
-        running = self._running is not None or self._building is not None
-        if self._worker is not None and running:
+        if self._worker is not None and self._running is not None:
             self._worker.cancel()
+        if self._builder is not None and self._building is not None:
+            self._builder.cancel()
 
     def pending_training(self) -> list[tuple[int, TrainSet]]:
         """Training jobs not yet installed (running first), for a checkpoint to re-queue."""
@@ -574,7 +595,8 @@ class AdaptationExecutor:
 
     def close(self, timeout_s: float | None = 30.0) -> None:
         self.cancel()
-        if self._worker is not None:
-            self._worker.wait(timeout_s)
-        self._worker = None
+        for worker in (self._worker, self._builder):
+            if worker is not None:
+                worker.wait(timeout_s)
+        self._worker = self._builder = None
         self._running = self._building = None

@@ -44,8 +44,11 @@ from edge_runtime.errors import InputError
 
 log = logging.getLogger(__name__)
 
-#: The runtime's proxy: see benchmarks/results_nas.md for how it was chosen.
-DEFAULT_PROXY = "ncm"
+#: The runtime's proxy: a rank vote of NCM (what the untrained body makes separable, label-aware)
+#: and SNIP (how much the loss can move its weights). Chosen on benchmarks/bench_nas.py's own
+#: segments, the best median regret of the pure training-free scores there (0.75 points), though
+#: its rank correlation with trained accuracy is weak (0.39): see benchmarks/results_nas.md.
+DEFAULT_PROXY = "vote:ncm+snip"
 LATENCY_BATCH = 32
 
 

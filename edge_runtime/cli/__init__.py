@@ -19,7 +19,16 @@ from edge_runtime import __version__
 from edge_runtime.errors import EdgeRuntimeError
 
 # Order is the order shown in --help.
-COMMANDS: tuple[str, ...] = ("demo", "run", "serve", "fleet", "scenario", "export", "profile")
+COMMANDS: tuple[str, ...] = (
+    "demo",
+    "run",
+    "serve",
+    "fleet",
+    "scenario",
+    "export",
+    "profile",
+    "meta",
+)
 
 log = logging.getLogger("edge_runtime")
 

@@ -17,7 +17,7 @@ from edge_runtime.errors import ConfigError
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from edge_runtime.cli.run import add_config_args
-    from edge_runtime.meta.train import DEFAULT_FAMILIES, MetaTrainConfig
+    from edge_runtime.meta.train import DEFAULT_FAMILIES, FAMILIES, MetaTrainConfig
 
     d = MetaTrainConfig()
     parser = subparsers.add_parser(
@@ -35,7 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--families",
         default=",".join(DEFAULT_FAMILIES),
-        help=f"comma-separated adaptor families (default {','.join(DEFAULT_FAMILIES)})",
+        help=(
+            f"comma-separated adaptor families from {','.join(FAMILIES)} "
+            f"(default {','.join(DEFAULT_FAMILIES)})"
+        ),
     )
     parser.add_argument("--iterations", type=int, default=d.iterations, help="outer steps")
     parser.add_argument("--tasks", type=int, default=d.tasks, help="episodes per outer step")
@@ -52,12 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cmd_meta_train(args: argparse.Namespace) -> int:
     from edge_runtime.cli.run import resolve_config
-    from edge_runtime.meta.train import DEFAULT_FAMILIES, MetaTrainConfig, run_meta_train
+    from edge_runtime.meta.train import FAMILIES, MetaTrainConfig, run_meta_train
 
     families = [f.strip() for f in str(args.families).split(",") if f.strip()]
-    bad = [f for f in families if f not in DEFAULT_FAMILIES]
+    bad = [f for f in families if f not in FAMILIES]
     if bad or not families:
-        raise ConfigError(f"--families: unknown {bad}; choose from {list(DEFAULT_FAMILIES)}")
+        raise ConfigError(f"--families: unknown {bad}; choose from {list(FAMILIES)}")
     for name in ("iterations", "tasks", "per_class"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')}: must be > 0")

@@ -50,7 +50,6 @@ OptionalPath = Annotated[Path | None, AfterValidator(_expand_path)]
 NOT_IMPLEMENTED: dict[str, tuple[Any, str]] = {
     "device.power_budget_w": (None, "no power telemetry reads a budget"),
     "hdc.packed": (True, "the HDC memory always keeps bit-packed exemplars"),
-    "adapt.meta_init": (False, "adaptors start from prototypes; no meta-learned init exists"),
 }
 
 
@@ -191,7 +190,12 @@ class AdaptConfig(_Section):
     max_adaptor_macs: int | None = Field(None, gt=0)
     max_adaptor_latency_ms: float | None = Field(None, gt=0)
     max_total_params: int | None = Field(2_000_000, gt=0)
-    meta_init: Annotated[bool, _only_implemented("adapt.meta_init")] = False
+    # How a new adaptor's weights start: class prototypes, torch's default, or a meta-learned
+    # initialisation (`edge-runtime meta-train`) for its family and this encoder -- the file
+    # or folder ``meta_init``, else the cache by encoder hash; a family without one starts
+    # from prototypes, and the log says so.
+    init: Literal["prototype", "meta", "standard"] = "prototype"
+    meta_init: OptionalPath = None
     steps: int = Field(300, gt=0)
     lr: float = Field(1e-2, gt=0)
     # New classes: a domain of their own ("separate"), a new adaptor version of the known

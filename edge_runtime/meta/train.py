@@ -263,7 +263,11 @@ def _meta_train_family(
     return TrainResult(_detached(meta), history, time.perf_counter() - t0, start)
 
 
-DEFAULT_FAMILIES: tuple[str, ...] = ("linear", "mlp")
+FAMILIES: tuple[str, ...] = ("linear", "mlp")
+# The MLP family trains but does not yet pay: on the held-out shifts its meta-init was 4.9
+# points below prototype init at 5 shots and 5 steps (benchmarks/bench_meta.py --families mlp),
+# and a cached file would make MetaInit use it. Opt in with --families linear,mlp.
+DEFAULT_FAMILIES: tuple[str, ...] = ("linear",)
 MLP_HIDDEN = 128
 
 
@@ -273,7 +277,7 @@ def family_arch(kind: str, in_dim: int, hidden: int = MLP_HIDDEN) -> AdaptorArch
         return AdaptorArch("linear", in_dim)
     if kind == "mlp":
         return AdaptorArch("mlp", in_dim, hidden=hidden, depth=1)
-    raise InputError(f"meta-train: unknown family {kind!r}; choose from {DEFAULT_FAMILIES}")
+    raise InputError(f"meta-train: unknown family {kind!r}; choose from {FAMILIES}")
 
 
 # ------------------------------------------------------------------------------ the command

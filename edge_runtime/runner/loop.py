@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from edge_runtime.adapt.executor import BUILD_WAIT_S
 from edge_runtime.data.stream import FrameBatch
 from edge_runtime.runner.labels import Labelled, LabelSource
 from edge_runtime.runner.pacing import Pacer
@@ -61,6 +62,7 @@ class ServeOutcome:
     serving_seconds: float
     slept_seconds: float = 0.0  # waiting for frames to arrive (paced runs)
     final_events: list[Event] = field(default_factory=list)  # emitted by finish / wait_idle
+    build_wait_seconds: float = 0.0  # an unpaced replay waiting for domain builds
 
 
 class Interrupt:
@@ -105,7 +107,14 @@ class ServeLoop:
         observers: Sequence[BatchObserver] = (),
         should_stop: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.perf_counter,
+        wait_builds: bool = False,
     ) -> None:
+        """``wait_builds``: after a batch that started a domain build (the search, seconds on
+        the worker), wait for it before the next batch. For an unpaced replay only: its frames
+        do not arrive in real time, so without the wait a build would last as many frames as
+        the machine serves in those seconds, and the outputs would depend on its speed. A paced
+        run or a live source never waits."""
+        self.wait_builds = wait_builds
         self.rt = runtime
         self.labels = labels
         self.pacer = pacer
@@ -119,6 +128,7 @@ class ServeLoop:
         last = t0
         served = 0
         interrupted = False
+        build_wait = 0.0
         for batch in batches:
             if self.should_stop():
                 interrupted = True
@@ -131,20 +141,26 @@ class ServeLoop:
                 ready = max(last, self.pacer.arrival(batch.stop - 1))
             dec = rt.process(batch.images, batch.indices)
             served_at = self.clock()
+            if not served:
+                # The first decisions of this process: a restart is serving again (the kill
+                # tests time a restart by this line).
+                log.info("first batch served: frames %d..%d", batch.start, batch.stop)
             # Test-then-train: the batch was predicted above; now reveal what was asked for.
             answered = self.labels.answer(batch.indices[dec.label_request])
             if len(answered.indices):
                 rt.feedback(answered.indices, answered.labels)
             events = [*dec.events, *rt.drain_events()]
-            if not served:
-                # The first decisions of this process: a restart is serving again (the kill
-                # tests time a restart by this line).
-                log.info("first batch served: frames %d..%d", batch.start, batch.stop)
             served = batch.stop
             item = ServedBatch(batch, dec, answered, events, ready, served_at)
             for observe in self.observers:
                 observe(item)
             last = served_at
+            if self.wait_builds and rt.executor.building:
+                t_wait = self.clock()
+                rt.executor.wait(BUILD_WAIT_S, builds_only=True)
+                # Not a serving gap: the replay holds its frames back meanwhile.
+                last = self.clock()
+                build_wait += last - t_wait
         serving_s = self.clock() - t0
         if interrupted:
             rt.wait_idle()  # nothing more is installed: the outputs describe what was served
@@ -157,4 +173,8 @@ class ServeLoop:
                 rt.feedback(late.indices, late.labels)
             rt.finish(wait=True)  # adapt on a collection in progress, install what finished
         slept = self.pacer.slept_s if self.pacer is not None else 0.0
-        return ServeOutcome(served, interrupted, serving_s, slept, rt.drain_events())
+        if build_wait:
+            log.info("the unpaced replay waited %.1f s for domain builds", build_wait)
+        return ServeOutcome(
+            served, interrupted, serving_s, slept, rt.drain_events(), build_wait_seconds=build_wait
+        )

@@ -343,7 +343,14 @@ def _run(
             source = governor.wrap(source)
             if checkpointer is not None:
                 observers.append(checkpointer)  # last: it saves what the others recorded
-            loop = ServeLoop(rt, source, pacer=pacer, observers=observers, should_stop=stop)
+            loop = ServeLoop(
+                rt,
+                source,
+                pacer=pacer,
+                observers=observers,
+                should_stop=stop,
+                wait_builds=pacer is None,
+            )
             try:
                 if point is not None and point.finished and start >= n:
                     # Killed after the end of the stream was checkpointed: nothing to serve
