@@ -141,15 +141,16 @@ class CommandHandler:
         commands did (a drift flag, an install) comes first in the log, their acknowledgements
         after it."""
         outcomes: list[tuple[Command, Any, EdgeRuntimeError | None]] = []
-        try:
-            for cmd in self.commands.drain():
-                try:
-                    outcomes.append((cmd, self.run(cmd.name, cmd.args, frame), None))
-                except EdgeRuntimeError as exc:
-                    outcomes.append((cmd, None, exc))
-        finally:  # a bug in one command still answers those that ran before it
-            for cmd, result, exc in outcomes:
-                self._answer(cmd, result, exc, frame)
+        with self.events.caused_by("command"):
+            try:
+                for cmd in self.commands.drain():
+                    try:
+                        outcomes.append((cmd, self.run(cmd.name, cmd.args, frame), None))
+                    except EdgeRuntimeError as exc:
+                        outcomes.append((cmd, None, exc))
+            finally:  # a bug in one command still answers those that ran before it
+                for cmd, result, exc in outcomes:
+                    self._answer(cmd, result, exc, frame)
 
     def _answer(self, cmd: Command, result: Any, exc: EdgeRuntimeError | None, frame: int) -> None:
         if exc is not None:

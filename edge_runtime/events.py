@@ -16,7 +16,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
@@ -112,6 +113,19 @@ class EventLog:
         self._batch: list[Event] = []
         self._sinks: list[EventSink] = []
         self._lock = threading.Lock()
+        self._cause = threading.local()
+
+    @contextmanager
+    def caused_by(self, cause: str) -> Iterator[None]:
+        """Events emitted in this block (on this thread) carry ``"cause": cause``: a command's
+        consequences are not replayed by a resumed run the way the stream's are, and the
+        resume guard must not count them as replayable."""
+        before = getattr(self._cause, "value", None)
+        self._cause.value = cause
+        try:
+            yield
+        finally:
+            self._cause.value = before
 
     def add_sink(self, sink: EventSink, *, first: bool = False) -> EventSink:
         """Attach ``sink``; ``first`` puts it before the others, so it has every event the
@@ -131,6 +145,9 @@ class EventLog:
     def emit(self, etype: str, frame: int, **details: Any) -> Event:
         event: Event = {"type": etype, "frame": int(frame), "time": self.clock()}
         event.update(jsonable(details))
+        cause = getattr(self._cause, "value", None)
+        if cause is not None:
+            event["cause"] = cause
         with self._lock:
             self._batch.append(event)
             for sink in self._sinks:

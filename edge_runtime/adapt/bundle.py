@@ -330,12 +330,26 @@ def _adaptor(
     desc = manifest["adaptor"]
     in_features = fingerprint["encoder"].get("in_features")
     arch = desc.get("arch") if isinstance(desc.get("arch"), dict) else {}
-    if in_features is not None and arch.get("in_dim") != in_features:
+    if arch.get("tap") is not None:
+        # An adaptor on an encoder tap reads that block's flattened map; the encoder hash
+        # (checked before) fixes the map's shape, so its width must be the shape's product.
+        shape = arch.get("in_shape") or ()
+        if not shape or math.prod(int(v) for v in shape) != arch.get("in_dim"):
+            raise BundleError(
+                f"adaptor bundle's adaptor on tap {arch.get('tap')} takes {arch.get('in_dim')!r} "
+                f"inputs, which is not its map shape {list(shape)}"
+            )
+    elif in_features is not None and arch.get("in_dim") != in_features:
         raise BundleError(
             f"adaptor bundle's adaptor takes {arch.get('in_dim')!r} features, this device's "
             f"encoder gives {in_features}"
         )
     for k, t in state.items():
+        if k.endswith("num_batches_tracked"):
+            # BatchNorm's step counter (conv adaptors): one non-negative integer.
+            if t.dtype != torch.int64 or t.numel() != 1 or int(t) < 0:
+                raise BundleError(f"adaptor bundle tensor adaptor.{k} is not a step counter")
+            continue
         if not t.dtype.is_floating_point or not bool(torch.isfinite(t).all()):
             raise BundleError(f"adaptor bundle tensor adaptor.{k} is not finite floating point")
     try:

@@ -313,7 +313,12 @@ def _run(
             guard: OutboxGuard | None = None
             if ckpt is not None:
                 if link is not None:
-                    guard = OutboxGuard(link.client, ckpt.run_id, len(listed.events))
+                    # The guard's own count (commands' events take no ordinal), as saved.
+                    numbered = len(listed.events)
+                    saved = point.run.get("outbox") if point is not None else None
+                    if isinstance(saved, dict) and "events" in saved:
+                        numbered = int(saved["events"])
+                    guard = OutboxGuard(link.client, ckpt.run_id, numbered)
                     rt.events.add_sink(guard, first=True)
                 checkpointer = RunCheckpointer(
                     ckpt.series,

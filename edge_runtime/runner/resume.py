@@ -310,6 +310,12 @@ class OutboxGuard:
 
     # ---------------------------------------------------------------- EventSink (first)
     def write(self, event: Event) -> None:
+        if event.get("cause") == "command":
+            # A command's events (an offered adaptor refused, a rollback) come from outside
+            # the stream: a resumed run does not replay them, so they take no ordinal (else
+            # every later replayed event would be numbered off by one) and are always put.
+            self._current = None
+            return
         self._n += 1
         self._current = (threading.get_ident(), self._n)
 
