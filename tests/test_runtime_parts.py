@@ -129,9 +129,10 @@ def test_planner_returns_grows_or_refuses_on_memory(encoder, feats, data) -> Non
 
 
 class _BlockingSearch:
-    """Blocks on the worker thread until released (the build runs there, search included)."""
+    """Blocks on the worker thread until released (a costly search's build runs there)."""
 
     name = "fixed"
+    costly = True
 
     def __init__(self) -> None:
         self.release = threading.Event()

@@ -352,10 +352,10 @@ class AdaptationExecutor:
             raise InputError(f"the executor carries out grow and extend plans, not {plan.action}")
         try:
             ctx = self._prepare(plan, shots, domains)
-            if self.background:
-                # The search encodes the shots at taps and scores every candidate: seconds,
-                # not the tens of milliseconds the serving thread can spare. The worker builds;
-                # the domain installs at the first batch after.
+            if self.background and getattr(self.search, "costly", False):
+                # A search that encodes the shots at taps and scores every candidate takes
+                # seconds, not the tens of milliseconds the serving thread can spare: the
+                # worker builds, and the domain installs at the first batch after.
                 self._builds.append(ctx)
                 self._start_next()
                 return
@@ -365,6 +365,9 @@ class AdaptationExecutor:
             self._ready.append(JobFailed("build", f"{type(exc).__name__}: {exc}", plan.domain_id))
             return
         self._ready.append(built)
+        if built.train_set is not None:
+            self._queue.append((built.domain_id, built.train_set))
+            self._start_next()
 
     def _prepare(self, plan: Plan, shots: Shots, domains: DomainSet) -> BuildContext:
         """What a build reads from the serving state, taken on the serving thread: the

@@ -155,6 +155,9 @@ class ZeroShotSearch:
     """Pick the candidate with the best training-free proxy score under the budget."""
 
     name = "zero-shot"
+    # Seconds per search (tap encodings, every candidate scored): the executor builds on its
+    # worker rather than on the serving thread.
+    costly = True
 
     def __init__(
         self,

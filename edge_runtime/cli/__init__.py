@@ -27,7 +27,7 @@ COMMANDS: tuple[str, ...] = (
     "scenario",
     "export",
     "profile",
-    "meta",
+    "meta-train",
 )
 
 log = logging.getLogger("edge_runtime")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"edge_runtime.cli.{name}").register(sub)
+        importlib.import_module(f"edge_runtime.cli.{name.replace('-', '_')}").register(sub)
     return parser
 
 

@@ -91,7 +91,7 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m edge_runtime.cli.meta meta-train ...``: the subcommand on its own."""
+    """``python -m edge_runtime.cli.meta_train meta-train ...``: the subcommand on its own."""
     parser = argparse.ArgumentParser(prog="edge-runtime")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
