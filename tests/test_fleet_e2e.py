@@ -39,10 +39,14 @@ def _cli(*args: str) -> list[str]:
 NO_SEARCH = ["--set", "adapt.nas=false"]
 
 
-def _device_args(port: int, outbox: Path, device: str = "dev-1") -> list[str]:
+def _device_args(
+    port: int, outbox: Path, device: str = "dev-1", *, search: bool = False
+) -> list[str]:
+    """A device's run arguments; ``search``: keep the zero-shot search (the kill tests compare
+    against a reference run that has it)."""
     return [
         *FAST_RUN_ARGS,
-        *NO_SEARCH,
+        *([] if search else NO_SEARCH),
         "--no-baselines",
         "--set",
         "fleet.enabled=true",

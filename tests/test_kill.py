@@ -316,7 +316,8 @@ def test_fifty_kills_in_a_row(mini: str, reference: Path, mosquitto: Any, tmp_pa
             out, device = tmp_path / f"killed-{i}", f"dev-k{i}"
             args: tuple[str, ...] = ()
             if fleet:
-                args = tuple(_device_args(mosquitto.port, tmp_path / f"outbox-{i}", device))
+                outbox = tmp_path / f"outbox-{i}"
+                args = tuple(_device_args(mosquitto.port, outbox, device, search=True))
             left = want - sum(r.kills for r in runs)
             runs.append(kill_in_a_row(mini, out, left, seed=1000 + i, extra=args))
             try:
@@ -513,7 +514,7 @@ def test_sigkill_with_the_fleet_loses_and_repeats_no_alert_and_no_adaptor(
 
     with _controller(mosquitto, tmp_path) as url:
         out = tmp_path / "fleet-killed"
-        args = tuple(_device_args(mosquitto.port, tmp_path / "outbox", "dev-k"))
+        args = tuple(_device_args(mosquitto.port, tmp_path / "outbox", "dev-k", search=True))
         kills = int(os.environ.get("ER_FLEET_KILLS", "5"))
         rec = kill_in_a_row(mini, out, kills, 7, args)
         assert rec.kills >= min(kills, 3), "the run must have been killed while serving"

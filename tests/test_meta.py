@@ -261,7 +261,7 @@ def test_threshold_correction_learns_a_known_bias() -> None:
 def test_meta_train_command_parses() -> None:
     import argparse
 
-    from edge_runtime.cli import meta as cli_meta
+    from edge_runtime.cli import meta_train as cli_meta
 
     parser = argparse.ArgumentParser()
     cli_meta.register(parser.add_subparsers(dest="command"))
