@@ -35,7 +35,7 @@ class Shots:
     labels: np.ndarray  # (N,) int64
     frames: list[int]
     trigger: Trigger
-    # The frames themselves (at most the encoder's input size, see :func:`compact_frames`), so
+    # The frames themselves (at most the encoder's input size: pipeline.compact_image), so
     # an adaptor below the last layer can be trained on the encoder's intermediate maps of the
     # same shots; None when the labels came with features only.
     images: np.ndarray | None = None

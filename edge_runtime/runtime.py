@@ -412,6 +412,16 @@ class Runtime:
         (see :mod:`edge_runtime.adapt.bundle`)."""
         return export_domain(self.domains_set, domain_id, self.encoder_hash)
 
+    @property
+    def building(self) -> bool:
+        """A new domain is being built (its search) on the worker; it installs at a later batch."""
+        return self.executor.building
+
+    def wait_builds(self, timeout: float | None = BUILD_WAIT_S) -> bool:
+        """Block until every domain build in flight is done (an unpaced replay; a checkpoint).
+        True if they all finished."""
+        return self.executor.wait(timeout, builds_only=True)
+
     def wait_idle(self, timeout: float | None = 60.0) -> bool:
         """Block until training jobs are done, at most ``timeout`` s (tests, shutdown; never on
         the serving path). They are installed on the next batch. True if all finished."""
@@ -452,7 +462,7 @@ class Runtime:
         """The whole state. Finished work is installed first; training still running is saved
         as a job to re-queue, so saving never waits on it. A domain still being built (the
         search: seconds) is waited for, as it holds the shots its labels paid for."""
-        self.executor.wait(BUILD_WAIT_S, builds_only=True)
+        self.wait_builds()
         self.controller.install(self.frames_seen)
         return encode(self._parts())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_runtime import _serve  # the same test-then-train batch loop
 
 from edge_runtime.adapt.domains import DomainSet
 from edge_runtime.adapt.planner import EXTEND, GROW, AdaptationPlanner, Budgets
@@ -54,19 +55,6 @@ def data() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def encoder():
     return build_encoder(CFG)
-
-
-def _serve(rt: Runtime, data, start: int, stop: int, bs: int = 32) -> list:
-    out = []
-    for a in range(start, stop, bs):
-        b = min(a + bs, stop)
-        idx = np.arange(a, b)
-        dec = rt.process(data["stream_x"][a:b], idx)
-        if dec.label_request.any():
-            rt.feedback(idx[dec.label_request], data["stream_y"][idx[dec.label_request]])
-        dec.events += rt.drain_events()
-        out.append(dec)
-    return out
 
 
 def test_class_and_domain_incremental_segments_in_one_run(encoder, data) -> None:

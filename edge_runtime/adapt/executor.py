@@ -253,9 +253,8 @@ class AdaptationExecutor:
         """The search plug point: an architecture for these shots, and its report."""
         found = self.search.search(inputs, labels, label_map, budget)
         report: dict[str, Any] = {"arch": found.arch.to_dict(), "search": found.method}
-        extra = getattr(found, "report", None)
-        if extra:
-            report["search_report"] = extra
+        if found.report:
+            report["search_report"] = found.report
         return found.arch, report
 
     def train_head(

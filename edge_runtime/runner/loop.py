@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from edge_runtime.adapt.executor import BUILD_WAIT_S
 from edge_runtime.data.stream import FrameBatch
 from edge_runtime.runner.labels import Labelled, LabelSource
 from edge_runtime.runner.pacing import Pacer
@@ -155,9 +154,9 @@ class ServeLoop:
             for observe in self.observers:
                 observe(item)
             last = served_at
-            if self.wait_builds and rt.executor.building:
+            if self.wait_builds and rt.building:
                 t_wait = self.clock()
-                rt.executor.wait(BUILD_WAIT_S, builds_only=True)
+                rt.wait_builds()
                 # Not a serving gap: the replay holds its frames back meanwhile.
                 last = self.clock()
                 build_wait += last - t_wait
