@@ -37,7 +37,7 @@ from edge_runtime.adapt.bundle import export_domain, hdc_fingerprint
 from edge_runtime.adapt.controller import AdaptationController
 from edge_runtime.adapt.domains import BASE_DOMAIN, DomainSet
 from edge_runtime.adapt.executor import BUILD_WAIT_S, AdaptationExecutor, GrowthBudget
-from edge_runtime.adapt.init import Initializer, PrototypeInit, StandardInit
+from edge_runtime.adapt.init import Initializer, MetaInit, PrototypeInit, StandardInit
 from edge_runtime.adapt.planner import (
     KNOWN_DOMAIN,
     AdaptationPlanner,
@@ -132,7 +132,8 @@ class Runtime:
             make_bank(cfg, self.encoder.spec, device=device), make_registry(cfg)
         )
         self.pipeline = ServingPipeline(self.encoder, self.domains_set)
-        self.labels = LabelProtocol(cfg.adapt.label_budget, self.encoder.spec.dim)
+        init = initializer if initializer is not None else make_initializer(cfg, self.encoder_hash)
+        self.labels = LabelProtocol(label_budget_for(cfg, init), self.encoder.spec.dim)
         self.monitor = make_monitor(cfg)
         self.returns = ReturnDetector.from_config(cfg.drift)
         self.signature = DomainSignature()
@@ -144,7 +145,7 @@ class Runtime:
         # starting weights. Defaults: a linear head started at the class prototypes.
         self.executor = AdaptationExecutor(
             search if search is not None else make_search(cfg, self.encoder),
-            initializer if initializer is not None else make_initializer(cfg, self.encoder_hash),
+            init,
             steps=cfg.adapt.steps,
             lr=cfg.adapt.lr,
             seed=cfg.hdc.seed,
@@ -160,6 +161,7 @@ class Runtime:
                 max_latency_ms=cfg.adapt.max_adaptor_latency_ms,
                 max_total_params=cfg.adapt.max_total_params,
             ),
+            correction=init.detector_correction() if isinstance(init, MetaInit) else None,
         )
         self.controller = AdaptationController(
             self.domains_set,
@@ -544,14 +546,32 @@ def make_initializer(config: RuntimeConfig, encoder_hash: str) -> Initializer:
     """The initialiser plug point the config asks for (``adapt.init``)."""
     a = config.adapt
     if a.init == "meta":
-        from edge_runtime.adapt.init import MetaInit
-
         return MetaInit(a.meta_init, encoder_hash)
     if a.meta_init is not None:
         from edge_runtime.errors import ConfigError
 
         raise ConfigError("adapt.meta_init is set but adapt.init is not 'meta'")
     return StandardInit() if a.init == "standard" else PrototypeInit()
+
+
+def label_budget_for(config: RuntimeConfig, initializer: Initializer) -> int:
+    """Labels per drift: ``adapt.meta_label_budget`` while a meta-init for this encoder is in
+    use, else ``adapt.label_budget``; the log says which."""
+    a = config.adapt
+    if a.meta_label_budget is None:
+        return a.label_budget
+    if isinstance(initializer, MetaInit) and initializer.available():
+        log.info(
+            "meta-init in use: %d labels per drift (adapt.meta_label_budget)",
+            a.meta_label_budget,
+        )
+        return a.meta_label_budget
+    log.info(
+        "no meta-init for this encoder: %d labels per drift (adapt.label_budget; "
+        "adapt.meta_label_budget applies only with one)",
+        a.label_budget,
+    )
+    return a.label_budget
 
 
 def make_search(config: RuntimeConfig, encoder: Encoder) -> ArchitectureSearch:

@@ -269,3 +269,35 @@ def test_meta_train_command_parses() -> None:
     assert args.func is cli_meta._cmd_meta_train and args.iterations == 5 and args.first_order
     with pytest.raises(ConfigError, match="families"):
         cli_meta._cmd_meta_train(parser.parse_args(["meta-train", "--out", "x", "--families", "z"]))
+
+
+def test_detector_correction_and_meta_label_budget_follow_the_files(tmp_path: Path) -> None:
+    from edge_runtime.config import RuntimeConfig
+    from edge_runtime.runtime import label_budget_for
+
+    cfg = RuntimeConfig().with_overrides({"adapt.init": "meta", "adapt.meta_label_budget": "50"})
+    none = MetaInit(encoder_hash=HASH)
+    assert not none.available() and none.detector_correction() is None
+    assert label_budget_for(cfg, none) == 200  # no meta-init: the full budget, and the log says so
+    folder = _saved(tmp_path, AdaptorArch("linear", DIM)).parent
+    (folder / "meta_train.json").write_text("{}")  # the training summary beside the files
+    found = MetaInit(folder, encoder_hash=HASH)
+    assert found.available()
+    corr = found.detector_correction()
+    assert corr is not None and np.allclose(corr.coef, np.arange(6) * 0.01)
+    assert label_budget_for(cfg, found) == 50
+    assert label_budget_for(cfg.with_overrides({"adapt.meta_label_budget": "null"}), found) == 200
+    # The cache, by encoder hash, serves the same way; a damaged cached file is skipped.
+    save_meta_init(
+        meta_cache_dir(HASH),
+        AdaptorArch("linear", DIM),
+        initial_meta_params(AdaptorArch("linear", DIM), seed=1),
+        HASH,
+        inner_steps=2,
+    )
+    (meta_cache_dir(HASH) / "mlp-48-16x1.json").write_text("not json")
+    cached = MetaInit(encoder_hash=HASH)
+    assert cached.available() and cached.detector_correction() is None  # saved without one
+    with pytest.raises(CheckpointError):
+        (folder / "mlp-48-16x1.json").write_text("not json")
+        MetaInit(folder, encoder_hash=HASH).available()  # a configured folder's bad file raises

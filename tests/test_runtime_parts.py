@@ -19,12 +19,14 @@ from edge_runtime.adapt.domains import DomainSet
 from edge_runtime.adapt.executor import AdaptationExecutor, JobFailed, TrainSet
 from edge_runtime.adapt.init import PrototypeInit
 from edge_runtime.adapt.planner import (
+    EXTEND,
     GROW,
     KNOWN_DOMAIN,
     REFUSE,
     RETURN,
     AdaptationPlanner,
     Budgets,
+    Plan,
 )
 from edge_runtime.adapt.search import FixedArchitecture, SearchResult
 from edge_runtime.config import RuntimeConfig
@@ -380,3 +382,29 @@ def test_the_bank_scores_on_the_encoders_device(encoder) -> None:
     else:
         with pytest.raises(BackendUnavailableError, match="cuda"):
             Runtime(CFG, Encoder(OnCuda()))
+
+
+def test_a_grown_domain_takes_the_meta_learned_threshold_correction(encoder, feats, data) -> None:
+    """With a correction (a meta-init's detector side), a grown domain's OOD threshold is the
+    corrected one, reported beside the bank's; an extended domain keeps the bank's."""
+    from edge_runtime.meta.detector import FEATURES, ThresholdCorrection
+
+    fog = _shots(feats["stream"][160:208], data["stream_y"][160:208])
+    plain = _executor(background=False)
+    ds = _domains(encoder, feats, data)
+    plain.execute(Plan(GROW, 1), fog, ds)
+    (built_plain,) = plain.poll()
+    assert "threshold_bank" not in built_plain.report
+    coef = np.zeros(len(FEATURES))
+    coef[2] = -0.5  # half a standard deviation of the shots' scores below the bank's value
+    corrected = _executor(background=False, correction=ThresholdCorrection(coef=coef))
+    corrected.execute(Plan(GROW, 1), fog, _domains(encoder, feats, data))
+    (built,) = corrected.poll()
+    t_bank, t = built.report["threshold_bank"], built.report["threshold"]
+    assert t_bank == pytest.approx(built_plain.report["threshold"])
+    assert t < t_bank
+    assert built.bank.thresholds[built.bank.domain_ids.index(1)] == pytest.approx(t)
+    # Extending the base with the same rows: the bank's own threshold, no correction.
+    corrected.execute(Plan(EXTEND, 0), fog, _domains(encoder, feats, data))
+    (ext,) = corrected.poll()
+    assert "threshold_bank" not in ext.report

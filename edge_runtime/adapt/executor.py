@@ -54,6 +54,7 @@ from edge_runtime.adapt.worker import AdaptationWorker, JobResult
 from edge_runtime.errors import InputError
 from edge_runtime.hdc.bank import DomainMemoryBank
 from edge_runtime.labels import Shots, Trigger
+from edge_runtime.meta.detector import ThresholdCorrection, domain_threshold
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +197,13 @@ class AdaptationExecutor:
         base_replay_per_class: int = 500,
         encoder: Any = None,
         budget: GrowthBudget | None = None,
+        correction: ThresholdCorrection | None = None,
     ) -> None:
         self.search = search
         self.initializer = initializer
+        # A meta-learned correction of a new domain's OOD threshold (the bank's own is one
+        # noisy order statistic of the shots' scores); None: the bank's threshold.
+        self.correction = correction
         # Encodes shot and replay frames at a tap for adaptors below the last layer; without it
         # (features-only callers) only pooled-feature families can be trained.
         self.encoder = encoder
@@ -409,8 +414,15 @@ class AdaptationExecutor:
         report.update(search_report)
         report["search_seconds"] = round(search_s, 4)
         bank = ctx.bank
-        grow = bank.extend_domain if extend else bank.add_domain
-        report["threshold"] = float(grow(did, x, y))
+        if extend:
+            report["threshold"] = float(bank.extend_domain(did, x, y))
+        elif self.correction is not None:
+            # Fitted on new domains' shot sets (meta-train), so only a grown domain takes it;
+            # an extended one keeps its frames and the bank's threshold over them all.
+            t_bank, t = domain_threshold(bank, did, x, y, self.correction)
+            report["threshold"], report["threshold_bank"] = t, t_bank
+        else:
+            report["threshold"] = float(bank.add_domain(did, x, y))
         report.update(domain=did, shots=len(y), replay=len(r_y), action=plan.action)
         if plan.reason:
             report["why"] = plan.reason

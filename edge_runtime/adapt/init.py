@@ -165,6 +165,40 @@ class MetaInit:
         f = self.file_for(adaptor)
         return f.correction if f is not None else None
 
+    def _scan(self) -> list[MetaInitFile]:
+        """Every verified family file of this encoder: the configured file or folder, else
+        the cache (a damaged cached file is skipped with a warning, a configured one raises)."""
+        from edge_runtime.errors import CheckpointError
+        from edge_runtime.meta.store import load_meta_init, meta_cache_dir
+
+        if self.encoder_hash is not None and not (self.path is not None and self.path.is_file()):
+            folder = self.path if self.path is not None else meta_cache_dir(self.encoder_hash)
+            for manifest in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+                if manifest.name == "meta_train.json":
+                    continue  # the training summary, not a family file
+                try:
+                    loaded = load_meta_init(manifest, self.encoder_hash)
+                except CheckpointError as exc:
+                    if self.path is not None:
+                        raise
+                    log.warning("meta-init: ignoring cached file: %s", exc)
+                    continue
+                self._files.setdefault(loaded.family, loaded)
+        return [f for f in self._files.values() if f is not None]
+
+    def available(self) -> bool:
+        """True when at least one family has a meta-init for this encoder."""
+        return bool(self._scan())
+
+    def detector_correction(self) -> ThresholdCorrection | None:
+        """The learned threshold correction for a new domain's memory, from any verified
+        family file of this encoder (the correction belongs to the HDC bank, not to an
+        adaptor family; ``meta-train`` writes the same one into every family's file)."""
+        for loaded in self._scan():
+            if loaded.correction is not None:
+                return loaded.correction
+        return None
+
     def init(self, adaptor: Adaptor, features: np.ndarray, labels: np.ndarray) -> None:
         from edge_runtime.meta.maml import ProtoMAML, family_name
 

@@ -175,6 +175,9 @@ class AdaptConfig(_Section):
     """Adaptor growth: labels, capacity, search and meta-learned initialisation."""
 
     label_budget: int = Field(200, gt=0)
+    # Labels per drift when a meta-learned initialisation for this encoder is in use
+    # (``init: meta`` and a file found): a meta-init needs fewer shots. null: label_budget.
+    meta_label_budget: int | None = Field(None, gt=0)
     max_adaptors: int = Field(8, gt=0)
     # At max_adaptors: refuse growth, or evict a drift-grown domain (the oldest, or the one
     # that served the fewest frames); the base is never evicted.
