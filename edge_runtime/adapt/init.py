@@ -121,6 +121,7 @@ class MetaInit:
         self.fallback: Initializer = fallback if fallback is not None else PrototypeInit()
         self._files: dict[str, MetaInitFile | None] = {}
         self._warned: set[str] = set()
+        self._scanned = False
         self.last: dict[str, Any] = {}
         if self.path is not None and not self.path.exists():
             from edge_runtime.errors import ConfigError
@@ -169,12 +170,18 @@ class MetaInit:
         """Every verified family file of this encoder: the configured file or folder, else
         the cache (a damaged cached file is skipped with a warning, a configured one raises)."""
         from edge_runtime.errors import CheckpointError
-        from edge_runtime.meta.store import load_meta_init, meta_cache_dir
+        from edge_runtime.meta.store import SUMMARY_NAME, load_meta_init, meta_cache_dir
 
-        if self.encoder_hash is not None and not (self.path is not None and self.path.is_file()):
+        # Each file is verified (SHA-256, shapes) once: the runtime asks twice at start-up
+        # (label budget, threshold correction).
+        if (
+            not self._scanned
+            and self.encoder_hash is not None
+            and not (self.path is not None and self.path.is_file())
+        ):
             folder = self.path if self.path is not None else meta_cache_dir(self.encoder_hash)
             for manifest in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-                if manifest.name == "meta_train.json":
+                if manifest.name == SUMMARY_NAME:
                     continue  # the training summary, not a family file
                 try:
                     loaded = load_meta_init(manifest, self.encoder_hash)
@@ -184,6 +191,7 @@ class MetaInit:
                     log.warning("meta-init: ignoring cached file: %s", exc)
                     continue
                 self._files.setdefault(loaded.family, loaded)
+            self._scanned = True  # after the loop: a configured folder's bad file raises again
         return [f for f in self._files.values() if f is not None]
 
     def available(self) -> bool:

@@ -42,6 +42,10 @@ FORMAT_VERSION = 1
 CACHE_ENV = "EDGE_RUNTIME_CACHE"
 
 
+#: The run summary ``meta-train`` writes beside the family files (not a meta-init itself).
+SUMMARY_NAME = "meta_train.json"
+
+
 def meta_cache_dir(encoder_hash: str | None = None) -> Path:
     """``$EDGE_RUNTIME_CACHE/meta`` (or ``~/.cache/edge_runtime/meta``), per encoder hash."""
     root = os.environ.get(CACHE_ENV)

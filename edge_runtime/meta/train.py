@@ -327,7 +327,7 @@ def run_meta_train(
     ``out/meta_train.json`` describing the run."""
     from edge_runtime.encoder.export import spec_digest
     from edge_runtime.meta.episodes import TRAIN_SHIFTS, build_domains, encoder_features
-    from edge_runtime.meta.store import meta_cache_dir, save_meta_init
+    from edge_runtime.meta.store import SUMMARY_NAME, meta_cache_dir, save_meta_init
     from edge_runtime.runtime import build_encoder
 
     t0 = time.perf_counter()
@@ -403,5 +403,5 @@ def run_meta_train(
         }
         log.info("meta-train %s: %.1f s, files %s", name, res.seconds, [str(p) for p in paths])
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    atomic_write_json(out / "meta_train.json", summary)
+    atomic_write_json(out / SUMMARY_NAME, summary)
     return summary
