@@ -1,6 +1,12 @@
 """Meta-learned fast adaptation (issue 12) on shifts held out of meta-training.
 
-``python benchmarks/bench_meta.py --out DIR [--quick] [--meta-init PATH]``
+``python benchmarks/bench_meta.py --out DIR [--quick] [--meta-init PATH] [--families F,...]``
+
+``--families`` as ``edge-runtime meta-train`` takes them: ``linear``, ``mlp``, ``conv`` (every
+conv arch of the search space on encoder taps 10 and 13) or one conv arch by its file's name
+(e.g. ``conv-t13-96x4x4-2x64``). A conv family reads its tap's map of the same frames (one
+cached encoder pass per shift gives the pooled features and the maps). ``--lrs`` narrows the
+baselines' learning-rate sweep (a conv cell costs ~20x a linear one).
 
 Held-out shifts (:data:`edge_runtime.meta.episodes.HELD_OUT_SHIFTS`): Fashion-MNIST classes 0-5
 under fog 4 and under Gaussian noise 3, the novel classes 6-9, and MNIST digits, all from
@@ -58,11 +64,12 @@ from edge_runtime.meta.episodes import (
     TRAIN_SHIFTS,
     Domain,
     build_domains,
+    build_tap_domains,
     encoder_features,
 )
 from edge_runtime.meta.maml import ProtoMAML, family_name
 from edge_runtime.meta.store import MetaInitFile, find_meta_init, load_meta_init
-from edge_runtime.meta.train import MetaTrainConfig, family_arch, run_meta_train
+from edge_runtime.meta.train import MetaTrainConfig, family_arch, family_archs, run_meta_train
 
 SHOTS = (1, 5, 10, 20)
 STEPS = (0, 1, 5, 20, 100)
@@ -144,6 +151,7 @@ def accuracy_grid(
     held: list[Domain],
     draws: int,
     seed: int,
+    lrs: tuple[float, ...] = LRS,
 ) -> dict[str, Any]:
     """acc[method][shots][steps][lr] -> list over (domain, draw); wall times alike."""
     raw: dict[str, Any] = {}
@@ -157,8 +165,7 @@ def accuracy_grid(
                     if method == "meta" and meta is None:
                         continue
                     for steps in STEPS:
-                        lrs = (0.0,) if method == "meta" or steps == 0 else LRS
-                        for lr in lrs:
+                        for lr in (0.0,) if method == "meta" or steps == 0 else lrs:
                             a, sec = _run_method(method, arch, meta, base, xs, ys, steps, lr)
                             cell = raw.setdefault(method, {}).setdefault(k, {})
                             cell = cell.setdefault(steps, {}).setdefault(lr, {})
@@ -301,8 +308,11 @@ def wall_time(
     d: Domain,
     budget: int,
     repeats: int = 5,
+    rows_of: Domain | None = None,
 ) -> dict[str, float]:
-    """Seconds from the last label to the trained head and calibrated memory (median)."""
+    """Seconds from the last label to the trained head and calibrated memory (median).
+    ``rows_of``: the same frames in the adaptor's input space (a tap's maps) when ``d`` holds
+    pooled features (which the memory always reads)."""
     init = MetaInit(meta_dir, encoder_hash)
     bank = make_bank(config, spec)
     bank.add_domain(0, base_train.features, base_train.labels)
@@ -311,9 +321,10 @@ def wall_time(
     for i in range(repeats):
         rows = rng.permutation(len(d.labels))[:budget]
         x, y = d.features[rows], d.labels[rows]
+        xa = (rows_of or d).features[rows]
         t0 = time.perf_counter()
         a = build_adaptor(arch, sorted({int(v) for v in y}))
-        init.init(a, x, y)
+        init.init(a, xa, y)
         t1 = time.perf_counter()
         corr = init.correction(a)
         domain_threshold(bank, 100 + i, x, y, corr)
@@ -376,7 +387,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--quick", action="store_true", help="fewer draws, short meta-training")
     ap.add_argument("--meta-init", type=Path, default=None, help="meta-init folder to use")
-    ap.add_argument("--families", default="linear", help="comma-separated families")
+    ap.add_argument(
+        "--families",
+        default="linear",
+        help="comma-separated: linear, mlp, conv (taps 10/13) or a conv family's name",
+    )
+    ap.add_argument(
+        "--lrs",
+        default=",".join(str(v) for v in LRS),
+        help="the baselines' Adam learning rates, tuned per cell (comma-separated)",
+    )
     ap.add_argument("--draws", type=int, default=None, help="shot draws per shift and count")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -394,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--render", type=Path, default=None, help="only re-render the markdown of a bench_meta.json"
     )
+    ap.add_argument(
+        "--md",
+        type=Path,
+        default=RESULTS_MD,
+        help=f"where a full run writes its markdown (default {RESULTS_MD.name} here)",
+    )
     args = ap.parse_args(argv)
     if args.render is not None:
         r = json.loads(args.render.read_text())
@@ -403,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                 r[extra.split("_")[-1].split(".")[0]] = json.loads(p.read_text())
         text = _markdown(r)
         print(text)
-        RESULTS_MD.write_text(text)
+        args.md.write_text(text)
         return 0
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -416,17 +442,27 @@ def main(argv: list[str] | None = None) -> int:
     spec = encoder.spec
     ehash = spec_digest(spec)
     draws = args.draws or (2 if args.quick else 5)
-    feats = encoder_features(encoder, progress=True)
-    train = build_domains(TRAIN_SHIFTS, feats, 200, 0)
-    base_train = train[0]
-    evals = build_domains((BASE_EVAL, *HELD_OUT_SHIFTS), feats, 200, 0)
-    base_eval, held = evals[0], evals[1:]
     families = [f.strip() for f in args.families.split(",") if f.strip()]
+    lrs = tuple(float(v) for v in args.lrs.split(",") if v.strip())
+    archs = {
+        family_name(a): a for f in families for a in family_archs(f, spec.dim, spec.input_size)
+    }
+    taps = tuple(sorted({a.tap for a in archs.values() if a.tap is not None}))
+    if taps:
+        # Pooled features and every tap's maps of the same frames, one encoder pass a shift.
+        train_by = build_tap_domains(TRAIN_SHIFTS, encoder, taps, 200, 0, progress=True)
+        evals_by = build_tap_domains((BASE_EVAL, *HELD_OUT_SHIFTS), encoder, taps, 200, 0)
+    else:
+        feats = encoder_features(encoder, progress=True)
+        train_by = {None: build_domains(TRAIN_SHIFTS, feats, 200, 0)}
+        evals_by = {None: build_domains((BASE_EVAL, *HELD_OUT_SHIFTS), feats, 200, 0)}
+    train, evals = train_by[None], evals_by[None]
+    base_train = train[0]
+    base_eval, held = evals[0], evals[1:]
 
     # The meta-init: given, cached for this encoder, or trained now (and timed).
     meta_dir = args.meta_init
     meta_train_info: dict[str, Any] | None = None
-    archs = {f: family_arch(f, spec.dim) for f in families}
     if meta_dir is None:
         found = [find_meta_init(ehash, a) for a in archs.values()]
         if all(p is not None for p in found) and not args.retrain:
@@ -453,19 +489,28 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.budget_only:
         out = {
-            family_name(a): label_budget(config, a, meta_dir, ehash, evals[1:], draws, args.seed)
+            family_name(a): label_budget(
+                config, a, meta_dir, ehash, evals_by[a.tap][1:], draws, args.seed
+            )
             for a in archs.values()
         }
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_meta_budget.json").write_text(json.dumps(out, indent=2) + "\n")
         print(json.dumps(out, indent=2))
         return 0
+
+    def walls_for(arch: AdaptorArch, tr: Any, shift: Any, shift_at_tap: Any) -> list[Any]:
+        """Wall time from the last of 200 labels (5 fast steps), at 1 thread and the runtime's."""
+        return [
+            _threads(
+                n, wall_time, config, spec, ehash, meta_dir, arch, tr, shift, 200, 5, shift_at_tap
+            )
+            for n in sorted({1, runtime_threads})
+        ]
+
     if args.wall_only:
         walls = {
-            family_name(a): [
-                _threads(n, wall_time, config, spec, ehash, meta_dir, a, train[0], evals[1], 200)
-                for n in sorted({1, runtime_threads})
-            ]
+            family_name(a): walls_for(a, train[0], evals[1], evals_by[a.tap][1])
             for a in archs.values()
         }
         args.out.mkdir(parents=True, exist_ok=True)
@@ -485,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta_train": [s.name for s in TRAIN_SHIFTS],
         "meta_training": meta_train_info,
         "draws": draws,
+        "lrs": list(lrs),
         "families": {},
     }
     base_arch = family_arch("linear", spec.dim)
@@ -495,25 +541,20 @@ def main(argv: list[str] | None = None) -> int:
 
     for fam, arch in archs.items():
         meta = load_meta_init(meta_dir, ehash, arch)
-        prev = base if arch == base_arch else _base_for(arch, base_train)
-        raw = accuracy_grid(arch, meta, prev, held, draws, args.seed)
+        prev = base if arch == base_arch else _base_for(arch, train_by[arch.tap][0])
+        raw = accuracy_grid(arch, meta, prev, evals_by[arch.tap][1:], draws, args.seed, lrs)
         summary = summarise(raw)
         bars = _bars(summary)
         report["families"][family_name(arch)] = {
             "meta_init": str(meta.path),
             "accuracy": summary,
             "bars": bars,
-            "wall": [
-                _threads(
-                    n, wall_time, config, spec, ehash, meta_dir, arch, base_train, held[0], 200
-                )
-                for n in sorted({1, runtime_threads})
-            ],
+            "wall": walls_for(arch, base_train, held[0], evals_by[arch.tap][1]),
         }
         _plot(summary, args.out / f"bench_meta_{fam}.png")
-        if fam == families[0]:
+        if fam == next(iter(archs)):
             _plot(summary, args.out / "bench_meta.png")
-    first = load_meta_init(meta_dir, ehash, archs[families[0]])
+    first = load_meta_init(meta_dir, ehash, next(iter(archs.values())))
     report["detector"] = detector_side(
         config, spec, base_train, base_eval, held, first.correction, max(draws, 5) * 2, args.seed
     )
@@ -528,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     text = _markdown(report)
     print(text)
     if not args.quick:
-        RESULTS_MD.write_text(text)
+        args.md.write_text(text)
     else:
         (args.out / "results_meta.md").write_text(text)
     return 0
@@ -585,7 +626,8 @@ def _markdown(r: dict[str, Any]) -> str:
         f"{r['config']}, encoder {r['encoder_hash']}{_load_text(r)}. Held-out shifts: "
         f"{', '.join(r['held_out'])} (no episode uses their corruptions, classes or images); "
         f"{r['draws']} shot draws per shift. Accuracy = mean over the held-out shifts; "
-        "baselines' Adam lr tuned per cell on these shifts.",
+        "baselines' Adam lr tuned per cell on these shifts"
+        + (f" (from {r['lrs']})." if r.get("lrs") else "."),
         "",
     ]
     if r.get("meta_training"):

@@ -51,6 +51,7 @@ from edge_runtime.encoder.cache import cached_encoded
 
 #: Extra votes reported besides the registry's ``vote`` (snip + synflow + naswot).
 EXTRA_VOTES = (
+    "vote:synflow+jacob_cov+snip",  # the NAS-Bench-Suite-Zero vote (0.82 on NAS-Bench-201)
     "vote:ncm+snip",
     "vote:ncm+grad_norm",
     "vote:snip+grad_norm+ncm",
@@ -61,9 +62,12 @@ EXTRA_VOTES = (
     "vote:lga+grad_norm",
     "vote:lga+snip",
     "vote:lga+ridge_loo",
+    "vote:entk_loo+lga",
+    "vote:entk_loo+grad_norm",
+    "vote:entk_loo+ncm",
 )
 CONDITIONS = ("none", "median3", "blur")
-REFINE_PROXIES = ("ncm", "vote:ncm+snip", "vote:ncm+grad_norm")
+REFINE_PROXIES = ("entk_loo", "ncm", "vote:ncm+snip")
 
 
 @dataclass
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     shots = cfg.adapt.label_budget
     steps = args.steps or (20 if args.quick else cfg.adapt.steps)
-    lr = cfg.adapt.lr
+    lr, schedule = cfg.adapt.lr, cfg.adapt.lr_schedule
     n_cand = args.candidates or (26 if args.quick else 50)
     n_eval = args.eval or (300 if args.quick else 1000)
     torch.set_num_threads(args.threads)
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     votes = ["vote", *EXTRA_VOTES]
     print(
         f"bench_nas: {len(segs)} segments x {len(space)} candidates, {shots} shots, {n_eval} eval "
-        f"frames, {steps} steps, lr {lr}; runtime config = {config_source(args)}: "
+        f"frames, {steps} steps, lr {lr} ({schedule}); runtime config = {config_source(args)}: "
         f"{encoder_line(enc)}; search proxy {args.proxy}"
     )
 
@@ -262,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             model = build_adaptor(arch, label_map, seed=0)
             PrototypeInit().init(model, xs, ys)
-            train_adaptor(model, xs, ys, steps=steps, lr=lr, seed=0, fit_normalizer=False)
+            train_adaptor(
+                model, xs, ys, steps=steps, lr=lr, seed=0, fit_normalizer=False, schedule=schedule
+            )
             train_s.append(time.perf_counter() - t)
             accs.append(float((model.predict(xe) == ye).mean()) * 100.0)
         for v in votes:
@@ -380,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(out, per_seg, space, args, enc, shots, n_eval, steps, lr, names, final=False) -> None:
+    cfg_schedule = runtime_config(args).adapt.lr_schedule
     """The JSON after every segment (a long run interrupted still leaves its numbers); the
     table and the PNG at the end."""
     feat_dim, size = enc.spec.dim, enc.spec.input_size
@@ -418,6 +425,7 @@ def _write(out, per_seg, space, args, enc, shots, n_eval, steps, lr, names, fina
             "eval_frames": n_eval,
             "steps": steps,
             "lr": lr,
+            "lr_schedule": cfg_schedule,
             "threads": args.threads,
             "quick": args.quick,
             "encoder": encoder_line(enc),

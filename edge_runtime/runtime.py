@@ -148,6 +148,7 @@ class Runtime:
             init,
             steps=cfg.adapt.steps,
             lr=cfg.adapt.lr,
+            lr_schedule=cfg.adapt.lr_schedule,
             seed=cfg.hdc.seed,
             threads=cfg.encoder.threads,
             background=background,

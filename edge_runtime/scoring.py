@@ -471,6 +471,7 @@ def baseline_accuracies(
     returns: Mapping[int, int] | None,
     steps: int = 300,
     lr: float = 1e-2,
+    schedule: str = "cosine",
     seed: int = 0,
     threads: int | None = None,
 ) -> dict[str, Any]:
@@ -505,7 +506,9 @@ def baseline_accuracies(
 
     def fit(x: np.ndarray, y: np.ndarray, k: int) -> Adaptor:
         head = build_adaptor(arch, sorted({int(v) for v in y}), seed=seed + k)
-        train_adaptor(head, x, y, steps=steps, lr=lr, seed=seed + k, threads=threads)
+        train_adaptor(
+            head, x, y, steps=steps, lr=lr, seed=seed + k, threads=threads, schedule=schedule
+        )
         return head
 
     # Naive fine-tuning.
@@ -526,6 +529,7 @@ def baseline_accuracies(
             y,
             steps=steps,
             lr=lr,
+            schedule=schedule,
             seed=seed + k + 1,
             fit_normalizer=False,
             threads=threads,

@@ -2,7 +2,8 @@
 # The prepared GPU check (issue 15, item 13): on a CUDA machine, in under 5 minutes,
 #   1. builds the CUDA C++ kernels (torch's extension loader, cached after the first build),
 #   2. runs the CUDA and compiled-Triton kernel tests against the exact reference,
-#   3. runs the torch-CUDA encoder and the GPU memory bank against the CPU path,
+#   3. runs the torch-CUDA encoder and the GPU memory bank against the CPU path, and the encoder
+#      taps and a conv adaptor on a tap on torch CUDA and ONNX Runtime CUDA against CPU,
 #   4. runs benchmarks/bench_encoder.py --quick and benchmarks/bench_hdc.py --quick --device cuda
 #      (ours on the GPU vs torch's GPU matmul, and vs FAISS on CPU where faiss imports),
 # and writes OUT/gpu_check.json: the card, torch/triton versions, each step's exit code and
@@ -59,6 +60,8 @@ step kernel_tests "${T_KERNELS:-80}" "$PY" -m pytest -q -rs -p no:cacheprovider 
 step encoder_parity "${T_PARITY:-40}" "$PY" -m pytest -q -rs -p no:cacheprovider \
     "tests/test_backends.py::test_torch_cuda_parity" "tests/test_backends.py::test_ort_cuda_parity" \
     tests/test_hdc_fastpath.py -k "cuda"
+step tap_parity "${T_TAPS:-60}" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_encoder_taps.py \
+    -k "cuda"
 step bench_encoder "${T_BENCH_ENCODER:-40}" "$PY" benchmarks/bench_encoder.py --quick --out "$OUT"
 step bench_hdc "${T_BENCH_HDC:-40}" "$PY" benchmarks/bench_hdc.py --quick --device cuda --out "$OUT"
 

@@ -281,3 +281,31 @@ def test_train_adaptor_threads_default_leaves_torch_alone(monkeypatch) -> None:
     finally:
         torch.set_num_threads(before)
     assert seen == [2, 3]
+
+
+def test_train_adaptor_anneals_the_step_size_unless_asked_not_to() -> None:
+    """Cosine: the first step at ``lr``, the last near 0; constant: every step at ``lr``.
+    Two steps tell them apart (the second cosine step is at lr / 2), one step does not."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    y = np.repeat(np.arange(4), 10)
+
+    def weights(steps: int, schedule: str) -> torch.Tensor:
+        head = build_adaptor(AdaptorArch("linear", 8), [0, 1, 2, 3], seed=0)
+        train_adaptor(head, x, y, steps=steps, lr=0.1, seed=0, schedule=schedule)
+        return head.head.weight.detach().clone()
+
+    assert torch.equal(weights(1, "cosine"), weights(1, "constant"))
+    assert not torch.allclose(weights(2, "cosine"), weights(2, "constant"))
+    with pytest.raises(InputError, match="schedule"):
+        weights(1, "linear-warmup")
+
+
+def test_the_runtime_trains_with_the_configured_schedule() -> None:
+    from edge_runtime.config import load_profile
+    from edge_runtime.runtime import Runtime
+
+    cfg = load_profile("x86-dev")
+    assert cfg.adapt.lr_schedule == "cosine"
+    cfg = cfg.model_copy(update={"adapt": cfg.adapt.model_copy(update={"lr_schedule": "constant"})})
+    assert Runtime(cfg).executor.lr_schedule == "constant"

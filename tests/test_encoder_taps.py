@@ -474,3 +474,61 @@ def test_cached_encoded_hit_is_identical_and_corruption_recomputes(
     assert len(calls) == 2
     with pytest.raises(ConfigError):
         cached_encoded(enc, frames, (3,), condition="sharpen")
+
+
+# ------------------------------------------------------------------------------- CUDA parity
+# Run by scripts/gpu_check.sh on a CUDA machine; skipped on CPU-only hosts (CI).
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_torch_cuda_taps_and_conv_adaptor_match_the_cpu_path(torch64) -> None:
+    from edge_runtime.adapt.adaptor import build_adaptor
+    from edge_runtime.adapt.init import PrototypeInit
+    from edge_runtime.adapt.space import conv_arch
+
+    cuda = TorchBackend.mobilenet(64, (3, 18), device="cuda")
+    x = preprocess(_frames(8), 64)
+    feats, maps = cuda.encode_taps(x, TAP_BLOCKS)
+    ref_feats, ref_maps = torch64.encode_taps(x, TAP_BLOCKS)
+    # TF32 convolutions on Ampere and later: a few 1e-3 off the fp32 CPU path.
+    np.testing.assert_allclose(feats, ref_feats, atol=5e-3, rtol=0)
+    for b in TAP_BLOCKS:
+        assert maps[b].shape == ref_maps[b].shape
+        np.testing.assert_allclose(maps[b], ref_maps[b], atol=5e-3, rtol=0)
+    # A conv adaptor on a tap: the same weights on the GPU give the CPU's logits.
+    rows = ref_maps[10].reshape(len(x), -1)
+    labels = np.arange(len(x)) % 4
+    head = build_adaptor(conv_arch(10, 64, 64, 2), [0, 1, 2, 3], seed=0)
+    PrototypeInit().init(head, rows, labels)
+    head.eval()
+    on_gpu = build_adaptor(head.arch, head.label_map)
+    on_gpu.load_state_dict(head.state_dict())
+    on_gpu = on_gpu.to("cuda").eval()
+    with torch.inference_mode():
+        want = head(torch.as_tensor(rows)).numpy()
+        got = on_gpu(torch.as_tensor(maps[10].reshape(len(x), -1), device="cuda")).cpu().numpy()
+    np.testing.assert_allclose(got, want, atol=5e-2, rtol=1e-2)
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.75
+
+
+def _ort_cuda_status() -> str | None:
+    from edge_runtime.encoder.onnx_backend import cuda_provider_status
+
+    return cuda_provider_status()
+
+
+@pytest.mark.skipif(
+    _ort_cuda_status() is not None, reason=f"onnxruntime-cuda: {_ort_cuda_status()}"
+)
+def test_ort_cuda_taps_match_the_cpu_session(onnx_tapped) -> None:
+    from edge_runtime.encoder.onnx_backend import OnnxRuntimeBackend
+
+    cpu = OnnxRuntimeBackend.from_file(onnx_tapped.path, threads=1)
+    cuda = OnnxRuntimeBackend.from_file(onnx_tapped.path, device="cuda")
+    assert cuda.name == "onnxruntime-cuda" and cuda.taps == ONNX_TAPS
+    x = preprocess(_frames(5, seed=3), 32)
+    feats, maps = cuda.encode_taps(x, ONNX_TAPS)
+    ref_feats, ref_maps = cpu.encode_taps(x, ONNX_TAPS)
+    np.testing.assert_allclose(feats, ref_feats, atol=5e-3, rtol=0)
+    for b in ONNX_TAPS:
+        np.testing.assert_allclose(maps[b], ref_maps[b], atol=5e-3, rtol=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,9 +19,18 @@ import torch
 
 from edge_runtime.adapt.adaptor import AdaptorArch, build_adaptor
 from edge_runtime.adapt.init import INITIALIZERS, MetaInit, PrototypeInit, make_initializer
-from edge_runtime.errors import CheckpointError, ConfigError
+from edge_runtime.adapt.space import conv_arch
+from edge_runtime.errors import CheckpointError, ConfigError, InputError
 from edge_runtime.meta.detector import ThresholdCorrection, shot_statistics
-from edge_runtime.meta.episodes import Domain, EpisodeSampler
+from edge_runtime.meta.episodes import (
+    BASE_CLASSES,
+    Domain,
+    EpisodeSampler,
+    ReplayEpisodeSampler,
+    ShiftSpec,
+    build_tap_domains,
+    shift_images,
+)
 from edge_runtime.meta.maml import ProtoMAML, expected_shapes, family_name, initial_meta_params
 from edge_runtime.meta.store import find_meta_init, load_meta_init, meta_cache_dir, save_meta_init
 from edge_runtime.meta.train import MetaTrainConfig, evaluate, fixed_batches, meta_train_family
@@ -301,3 +311,202 @@ def test_detector_correction_and_meta_label_budget_follow_the_files(tmp_path: Pa
     with pytest.raises(CheckpointError):
         (folder / "mlp-48-16x1.json").write_text("not json")
         MetaInit(folder, encoder_hash=HASH).available()  # a configured folder's bad file raises
+
+
+# ------------------------------------------------------------------ conv family (tap maps)
+# Real encoder tap maps: Fashion-MNIST frames through the runtime's encoder at 32 px (block 13's
+# map is 96x2x2 there), a few shifts for episodes and one held out (fog on test images).
+TAP = 13
+CONV_TRAIN = (
+    ShiftSpec("clean", "fashion-train", BASE_CLASSES),
+    ShiftSpec("blur-3", "fashion-train", BASE_CLASSES, "blur", 3),
+    ShiftSpec("contrast-5", "fashion-train", BASE_CLASSES, "contrast", 5),
+    ShiftSpec("inversion-3", "fashion-train", BASE_CLASSES, "inversion", 3),
+)
+CONV_HELD = (ShiftSpec("fog-4", "fashion-test", BASE_CLASSES, "fog", 4),)
+
+
+@pytest.fixture(scope="module")
+def tap_domains(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from edge_runtime.config import RuntimeConfig
+    from edge_runtime.runtime import build_encoder
+
+    encoder = build_encoder(RuntimeConfig().with_overrides({"encoder.input_size": 32}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGE_RUNTIME_CACHE", str(tmp_path_factory.mktemp("tapcache")))
+        train = build_tap_domains(CONV_TRAIN, encoder, (TAP,), 40, seed=0)
+        held = build_tap_domains(CONV_HELD, encoder, (TAP,), 40, seed=0)
+    return {"encoder": encoder, "train": train, "held": held}
+
+
+def _conv_arch(width: int = 16) -> AdaptorArch:
+    return conv_arch(TAP, 32, width, 2)
+
+
+def test_tap_domains_hold_the_pooled_features_and_the_maps(tap_domains: dict[str, Any]) -> None:
+    train = tap_domains["train"]
+    assert [d.name for d in train[None]] == [s.name for s in CONV_TRAIN]
+    pooled, maps = train[None][0], train[TAP][0]
+    assert pooled.features.shape == (240, tap_domains["encoder"].spec.dim)
+    assert maps.features.shape == (240, 96 * 2 * 2)
+    assert np.array_equal(pooled.labels, maps.labels)
+    # The pooled rows are what the pooled families' episodes would read (Encoder.features).
+    frames, _ = shift_images(CONV_TRAIN[0], 40, seed=0)
+    np.testing.assert_allclose(
+        tap_domains["encoder"].features(frames), pooled.features, rtol=0, atol=1e-5
+    )
+
+
+def test_conv_meta_training_lowers_heldout_post_adaptation_loss(
+    tap_domains: dict[str, Any],
+) -> None:
+    arch = _conv_arch()
+    cfg = MetaTrainConfig(**{**CFG.to_dict(), "iterations": 25, "n_way": (3, 4, 5)})
+    result = meta_train_family(
+        arch, EpisodeSampler(tap_domains["train"][TAP], 0), cfg, progress=False
+    )
+    held = EpisodeSampler(tap_domains["held"][TAP], seed=5)
+    batches = fixed_batches(held, cfg, 6)
+    model = ProtoMAML(arch, cfg.inner_steps)
+    assert model.batchnorm
+    prior = torch.from_numpy(np.mean([d.features.std(0) for d in tap_domains["train"][TAP]], 0))
+    start = initial_meta_params(arch, cfg.seed, cfg.init_lr, prior)
+    before, acc0 = evaluate(model, start, batches)
+    after, acc1 = evaluate(model, result.meta, batches)
+    assert after < before - 0.05, (before, after)
+    assert acc1 > acc0
+
+
+def test_conv_fast_steps_match_the_installed_adaptor(tap_domains: dict[str, Any]) -> None:
+    """The functional BatchNorm is the runtime's: support statistics while adapting, then the
+    installed adaptor serves in eval mode with what calibrate_batchnorm would store."""
+    arch = _conv_arch()
+    d = tap_domains["held"][TAP][0]
+    xs, ys = torch.from_numpy(d.features[:60]), torch.from_numpy(d.labels[:60])
+    label_map = sorted(set(d.labels[:60].tolist()))
+    local = torch.from_numpy(build_adaptor(arch, label_map).to_local(ys.numpy()))
+    model = ProtoMAML(arch, 3)
+    params, buffers = model.adapt(initial_meta_params(arch), xs, local, len(label_map))
+    a = build_adaptor(arch, label_map)
+    model.install(a, params, buffers)
+    b = build_adaptor(arch, label_map)
+    model.install(b, params, {k: v for k, v in buffers.items() if "running" not in k})
+    b.calibrate_batchnorm(xs)
+    xq = torch.from_numpy(d.features[60:])
+    with torch.no_grad():
+        want = model.logits(params, buffers, xq)
+        assert torch.allclose(a.eval()(xq), want, atol=1e-4)
+        assert torch.allclose(b.eval()(xq), want, atol=1e-4)
+
+
+def test_conv_meta_init_round_trips_and_is_refused_for_another_encoder(
+    tmp_path: Path, tap_domains: dict[str, Any]
+) -> None:
+    arch = _conv_arch()
+    meta = initial_meta_params(arch, seed=3)
+    path = save_meta_init(tmp_path, arch, meta, HASH, inner_steps=3)
+    assert path.name == f"{family_name(arch)}.json" and "conv-t13-96x2x2-2x16" in path.name
+    loaded = load_meta_init(path, HASH, arch)
+    assert loaded.arch == arch and loaded.inner_steps == 3
+    for k, v in meta.tensors().items():
+        assert torch.equal(v, loaded.meta.tensors()[k]), k
+    with pytest.raises(CheckpointError, match="encoder"):
+        load_meta_init(path, OTHER_HASH, arch)
+    with pytest.raises(CheckpointError, match="family"):
+        load_meta_init(path, HASH, _conv_arch(width=32))  # another width: another family
+    # The runtime finds it in the cache by encoder hash and exact arch, and adapts with it.
+    save_meta_init(meta_cache_dir(HASH), arch, meta, HASH, inner_steps=3)
+    d = tap_domains["held"][TAP][0]
+    x, y = d.features[:48], d.labels[:48]
+    adaptor = build_adaptor(arch, sorted(set(y.tolist())))
+    init = MetaInit(encoder_hash=HASH)
+    init.init(adaptor, x, y)
+    assert init.last["init"] == "meta" and init.last["fast_steps"] == 3
+    assert not adaptor.training
+    other = build_adaptor(_conv_arch(width=32), sorted(set(y.tolist())))
+    init.init(other, x, y)
+    assert init.last["init"] == "prototype" and "no meta-init" in init.last["fallback"]
+    assert MetaInit(encoder_hash=OTHER_HASH).file_for(adaptor) is None
+
+
+def test_build_report_init_names_what_ran(tap_domains: dict[str, Any]) -> None:
+    from edge_runtime.adapt.executor import AdaptationExecutor, TrainSet
+    from edge_runtime.adapt.search import FixedArchitecture
+
+    arch = _conv_arch()
+    d = tap_domains["held"][TAP][0]
+    train = TrainSet(d.features[:48], d.labels[:48], None, arch)
+
+    def report() -> dict[str, Any]:
+        ex = AdaptationExecutor(
+            FixedArchitecture(arch), MetaInit(encoder_hash=HASH), steps=5, lr=1e-2, seed=0
+        )
+        return ex.train_head(train, 1, steps=0)[1]
+
+    fell_back = report()
+    assert fell_back["init"] == "prototype"
+    assert fell_back["init_detail"]["meta_init"] is None
+    assert family_name(arch) in fell_back["init_detail"]["fallback"]
+    save_meta_init(meta_cache_dir(HASH), arch, initial_meta_params(arch), HASH, inner_steps=2)
+    used = report()
+    assert used["init"] == "meta" and used["init_detail"]["fast_steps"] == 2
+    assert used["init_detail"]["meta_init"].endswith(f"{family_name(arch)}.json")
+
+
+def test_replay_episodes_mirror_the_runtime_build() -> None:
+    """Shots of a shift plus base replay, weighted half and half; a shift shares the replay's
+    labels, new classes have their own and the query holds only the shifted frames."""
+    domains = _domains(range(0, 6), 3, seed=4)
+    sampler = ReplayEpisodeSampler(domains, seed=0, replay_per_class=4)
+    xs, ys, xq, yq, w = sampler.weighted_episode(0, 2, 3)  # shift
+    assert xs.shape == (6 * 4 + 6 * 2, DIM) and xq.shape == (6 * 3, DIM)
+    assert sorted(set(ys[:24].tolist())) == sorted(set(ys[24:].tolist())) == list(range(6))
+    assert np.isclose(w[:24].sum(), 0.5) and np.isclose(w[24:].sum(), 0.5)
+    assert (xs[:24, None] == domains[0].features[None]).all(-1).any(-1).all()  # replay = base
+    xs, ys, xq, yq, w = sampler.weighted_episode(2, 3, 3)  # two new classes
+    replay, shots = set(ys[:16].tolist()), set(ys[16:].tolist())
+    assert len(replay) == 4 and len(shots) == 2 and not replay & shots
+    assert set(yq.tolist()) == shots and xs.shape == (16 + 6, DIM)
+    b = sampler.batch(3, 2, 3, 3)
+    assert b.ws is not None and b.ws.shape == (3, 22) and b.n_way == 6
+    with pytest.raises(InputError):
+        sampler.weighted_episode(6, 1, 1)  # no base class would be left for the replay
+
+
+def test_weighted_conv_batch_matches_a_loop(tap_domains: dict[str, Any]) -> None:
+    arch = _conv_arch(width=8)
+    sampler = ReplayEpisodeSampler(tap_domains["train"][TAP], seed=2)
+    b = sampler.batch(3, 2, 2, 3)
+    meta = initial_meta_params(arch).requires_grad_()
+    model = ProtoMAML(arch, 2)
+    batched, _ = model.batch_loss(meta, b.xs, b.ys, b.xq, b.yq, b.n_way, ws=b.ws)
+    loop = torch.stack(
+        [
+            model.query_loss(meta, b.xs[i], b.ys[i], b.xq[i], b.yq[i], b.n_way, ws=b.ws[i])[0]
+            for i in range(3)
+        ]
+    ).mean()
+    assert torch.allclose(batched, loop, atol=1e-5)
+    batched.backward()
+    assert all(v.grad is not None and torch.isfinite(v.grad).all() for v in meta.leaves())
+
+
+def test_conv_families_cover_the_search_space_taps() -> None:
+    from edge_runtime.adapt.space import default_space
+    from edge_runtime.meta.train import META_TAPS, family_archs
+
+    archs = family_archs("conv", 1304, 64)
+    want = [
+        a
+        for a in default_space(1304, 64)
+        if a.kind == "conv" and a.tap in META_TAPS and a.condition == "none"
+    ]
+    assert archs == want and {a.tap for a in archs} == set(META_TAPS)
+    names = [family_name(a) for a in archs]
+    assert len(set(names)) == len(archs)  # one file per arch, never two archs on one file
+    assert family_archs(names[-1], 1304, 64) == [archs[-1]]
+    with pytest.raises(InputError, match="unknown family"):
+        family_archs("conv-t3-24x16x16-2x16", 1304, 64)  # tap 3 is not meta-trained
+    cfg = MetaTrainConfig()
+    assert cfg.for_arch(archs[0]).iterations == cfg.conv_iterations
+    assert cfg.for_arch(AdaptorArch("linear", 1304)).iterations == cfg.iterations

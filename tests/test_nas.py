@@ -66,6 +66,65 @@ def test_each_proxy_is_deterministic_and_finite(name: str) -> None:
         assert vals[0] == vals[1] and math.isfinite(vals[0]), (name, arch.label(), vals)
 
 
+@pytest.mark.parametrize("index", range(4))
+def test_entk_kernel_equals_per_frame_gradients(index: int) -> None:
+    """The batched eNTK (outer products, unfolded patches) is the Gram matrix of true per-frame
+    gradients of v.f(x) at PrototypeInit's starting point, for every family in the space."""
+    from torch.func import functional_call, grad, vmap
+
+    from edge_runtime.adapt.init import PrototypeInit
+    from edge_runtime.adapt.proxies import _per_frame_kernel
+
+    data, y = _shots()
+    arch = _small_space()[index]
+    x = data["pooled"] if arch.tap is None else data["maps"][(10, "none")].reshape(len(y), -1)
+    model = build_adaptor(arch, LABELS, seed=3)
+    xt = torch.as_tensor(x)
+    model.fit_normalizer(xt)
+    yl = torch.from_numpy(model.to_local(y))
+    got = _per_frame_kernel(model, xt, yl)
+
+    ref = build_adaptor(arch, LABELS, seed=3)
+    ref.fit_normalizer(xt)
+    PrototypeInit().init(ref, x, y)
+    ref.eval().double()
+    params = {k: p.detach() for k, p in ref.named_parameters()}
+    buffers = dict(ref.named_buffers())
+    v = torch.randn(len(LABELS), generator=torch.Generator().manual_seed(0)).double()
+
+    def f(p: dict, xi: torch.Tensor) -> torch.Tensor:
+        return (functional_call(ref, (p, buffers), (xi[None],))[0] * v).sum()
+
+    g = vmap(grad(f), in_dims=(None, 0))(params, xt.double())
+    flat = torch.cat([g[k].reshape(len(y), -1) for k in params], 1)
+    want = flat @ flat.T
+    assert got.shape == (len(y), len(y))
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())), arch.label()
+
+
+@pytest.mark.parametrize(("alpha", "center"), [(1.0, False), (5.0, True)])
+def test_kernel_ridge_loo_equals_refitting_without_each_frame(alpha: float, center: bool) -> None:
+    from edge_runtime.adapt.proxies import _krr_loo_accuracy
+
+    rng = np.random.default_rng(1)
+    y = torch.from_numpy(np.repeat(np.arange(3), 8))
+    z = torch.from_numpy(rng.normal(size=(24, 5))) + torch.eye(3, 5, dtype=torch.float64)[y]
+    k = z @ z.T
+    if center:  # the Gram matrix of mean-removed vectors
+        k = (z - z.mean(0)) @ (z - z.mean(0)).T
+    lam = alpha * float(k.diagonal().mean())
+    t = torch.nn.functional.one_hot(y, 3).double()
+    t = t - t.mean(0)
+    hits = 0
+    for i in range(24):
+        keep = torch.arange(24) != i
+        # Ridge fit on the other 23 frames with the same (centred) targets and penalty.
+        coef = torch.linalg.solve(k[keep][:, keep] + lam * torch.eye(23, dtype=k.dtype), t[keep])
+        hits += int((k[i, keep] @ coef).argmax() == y[i])
+    assert _krr_loo_accuracy(z @ z.T, y, alpha, center) == pytest.approx(hits / 24)
+    assert 0.5 < hits / 24 < 1.0  # informative data, yet not every frame right
+
+
 def test_vote_ranks_a_population() -> None:
     vote = resolve("vote:snip+params")
     assert isinstance(vote, RankVote) and isinstance(PROXIES["vote"], RankVote)

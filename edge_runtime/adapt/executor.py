@@ -39,7 +39,7 @@ import numpy as np
 
 from edge_runtime.adapt.adaptor import Adaptor, AdaptorArch, build_adaptor, train_adaptor
 from edge_runtime.adapt.domains import BASE_DOMAIN, DomainSet
-from edge_runtime.adapt.init import Initializer
+from edge_runtime.adapt.init import Initializer, ran
 from edge_runtime.adapt.planner import EXTEND, GROW, Plan
 from edge_runtime.adapt.replay import balanced_indices
 from edge_runtime.adapt.search import (
@@ -198,6 +198,7 @@ class AdaptationExecutor:
         encoder: Any = None,
         budget: GrowthBudget | None = None,
         correction: ThresholdCorrection | None = None,
+        lr_schedule: str = "cosine",
     ) -> None:
         self.search = search
         self.initializer = initializer
@@ -209,6 +210,7 @@ class AdaptationExecutor:
         self.encoder = encoder
         self.budget = budget or GrowthBudget()
         self.steps, self.lr, self.seed = int(steps), float(lr), int(seed)
+        self.lr_schedule = lr_schedule
         self.threads = threads
         self.background = background
         self.timeout_s = timeout_s
@@ -282,13 +284,21 @@ class AdaptationExecutor:
             arch, report = self.choose(ArrayInputs(x), y, label_map)
         arch = arch.with_in_dim(x.shape[1])
         adaptor = build_adaptor(arch, label_map, seed=self.seed + domain_id)
-        self.initializer.init(adaptor, x, y)
+        if getattr(self.initializer, "takes_sample_weight", False):
+            # A meta-init's fast steps see the shots/replay weighting the training below uses.
+            self.initializer.init(adaptor, x, y, sample_weight=train.weight)  # type: ignore[call-arg]
+        else:
+            self.initializer.init(adaptor, x, y)
+        # What actually ran (a meta-init falls back to prototypes for a family without a file).
+        done = ran(self.initializer)
         report = {
             "arch": arch.to_dict(),
             **{k: v for k, v in report.items() if k != "arch"},
-            "init": self.initializer.name,
+            "init": done.pop("init"),
             "labels": label_map,
         }
+        if done:
+            report["init_detail"] = done
         n = self.steps if steps is None else int(steps)
         if n == 0:
             return adaptor, report | {"train": {"steps": 0}}
@@ -298,6 +308,7 @@ class AdaptationExecutor:
             y,
             steps=n,
             lr=self.lr,
+            schedule=self.lr_schedule,
             seed=self.seed + domain_id,
             fit_normalizer=False,
             sample_weight=train.weight,

@@ -1,6 +1,9 @@
 """Initializer plug point: how a new adaptor's weights start before the few-shot steps.
 
-``init(adaptor, features, labels)`` mutates the adaptor in place. :class:`StandardInit` keeps
+``init(adaptor, features, labels)`` mutates the adaptor in place. An initializer that can
+fall back to another (:class:`MetaInit`) also says, through :func:`ran`, which one actually ran
+on this thread's last call: the executor's build report carries that, not the configured name.
+:class:`StandardInit` keeps
 torch's default (Kaiming-uniform) initialisation; :class:`PrototypeInit` sets the output layer
 from class means -- the nearest-class-mean classifier written as a linear layer -- so the head
 starts where a prototype network would end and the gradient steps only refine it. A meta-learned
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -32,6 +36,16 @@ class Initializer(Protocol):
     name: str
 
     def init(self, adaptor: Adaptor, features: np.ndarray, labels: np.ndarray) -> None: ...
+
+
+def ran(initializer: Initializer) -> dict[str, Any]:
+    """What ``initializer``'s last ``init`` on this thread did: at least ``{"init": name}``
+    (the initializer that actually set the weights), plus whatever it reports (MetaInit: the
+    family, the meta-init file or None, the fast steps, and why it fell back)."""
+    last = getattr(initializer, "last", None)
+    if isinstance(last, dict) and last.get("init"):
+        return dict(last)
+    return {"init": initializer.name}
 
 
 class StandardInit:
@@ -94,8 +108,10 @@ class MetaInit:
     family; None looks in the cache by ``encoder_hash`` (see :mod:`edge_runtime.meta.store`).
     A configured path that is damaged or belongs to another encoder raises CheckpointError
     here, at construction; an adaptor whose family has no meta-init falls back to
-    :class:`PrototypeInit` and the log says so (once per family). ``last`` describes the most
-    recent call (what the executor may put in its report). ``threads``: torch threads for the
+    :class:`PrototypeInit` and the log says so (once per family). ``last`` describes this thread's
+    most recent call (the build and the training worker initialise on different threads), and
+    its ``init`` names what actually ran: ``meta``, or the fallback's name with ``fallback``
+    saying why (what the executor puts in its report). ``threads``: torch threads for the
     fast steps (None: the caller's); one, because these are a few small full-batch steps and a
     second thread on 2 shared cores measured ~20x slower (23 ms vs 544 ms for 200 shots,
     benchmarks/bench_meta.py).
@@ -122,7 +138,7 @@ class MetaInit:
         self._files: dict[str, MetaInitFile | None] = {}
         self._warned: set[str] = set()
         self._scanned = False
-        self.last: dict[str, Any] = {}
+        self._local = threading.local()
         if self.path is not None and not self.path.exists():
             from edge_runtime.errors import ConfigError
 
@@ -134,6 +150,15 @@ class MetaInit:
                 raise ConfigError("MetaInit needs the encoder hash to check a meta-init file")
             loaded = load_meta_init(self.path, encoder_hash)
             self._files[loaded.family] = loaded
+
+    @property
+    def last(self) -> dict[str, Any]:
+        """This thread's last ``init``: what ran (see the class docstring)."""
+        return dict(getattr(self._local, "last", {}))
+
+    @last.setter
+    def last(self, value: dict[str, Any]) -> None:
+        self._local.last = dict(value)
 
     def file_for(self, adaptor: Adaptor) -> MetaInitFile | None:
         """The verified meta-init of this adaptor's family, or None."""
@@ -207,7 +232,19 @@ class MetaInit:
                 return loaded.correction
         return None
 
-    def init(self, adaptor: Adaptor, features: np.ndarray, labels: np.ndarray) -> None:
+    #: The executor passes its per-row training weights (shots vs replay) to ``init``.
+    takes_sample_weight = True
+
+    def init(
+        self,
+        adaptor: Adaptor,
+        features: np.ndarray,
+        labels: np.ndarray,
+        sample_weight: np.ndarray | None = None,
+    ) -> None:
+        """``sample_weight``: the rows' weights as the executor trains with them (shots and
+        replay half and half); the prototypes, the normaliser and the fast steps use them.
+        The prototype fallback ignores them, as PrototypeInit always has."""
         from edge_runtime.meta.maml import ProtoMAML, family_name
 
         t0 = time.perf_counter()
@@ -224,15 +261,27 @@ class MetaInit:
                     where,
                 )
             self.fallback.init(adaptor, features, labels)
-            self.last = {"init": self.fallback.name, "family": family, "meta_init": None}
+            self.last = {
+                "init": self.fallback.name,
+                "family": family,
+                "meta_init": None,
+                "fallback": f"no meta-init for family {family} and this encoder",
+            }
             return
         x = adaptor._as_tensor(features)
         y = torch.from_numpy(adaptor.to_local(np.asarray(labels)))
+        w = None
+        if sample_weight is not None:
+            w = torch.as_tensor(np.asarray(sample_weight, np.float32))
+            if w.shape != (len(x),) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+                from edge_runtime.errors import InputError
+
+                raise InputError(f"sample_weight must be ({len(x)},) finite, >= 0, not all 0")
         steps = meta_file.inner_steps if self.steps is None else int(self.steps)
         model = ProtoMAML(adaptor.arch, steps)
         # Enable grad: the fast steps differentiate even under an inference-mode caller.
         with torch.enable_grad(), _torch_threads(self.threads):
-            params, buffers = model.adapt(meta_file.meta, x, y, adaptor.n_classes, steps)
+            params, buffers = model.adapt(meta_file.meta, x, y, adaptor.n_classes, steps, w)
         model.install(adaptor, params, buffers)
         adaptor.eval()
         self.last = {

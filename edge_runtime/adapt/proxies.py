@@ -30,6 +30,17 @@ Definitions (written from the papers, not copied from their code):
 * ``ridge_loo``: the same idea with a closed-form linear probe: leave-one-out accuracy of kernel
   ridge regression (linear kernel, one-hot targets) on the untrained embedding, computed from the
   hat matrix, no fitting loop.
+* ``entk_loo``: minus the leave-one-out squared error (PRESS) of kernel ridge regression on
+  the centred one-hot labels, with the candidate's empirical neural tangent kernel (Jacot et
+  al. 2018) at the point training starts from (PrototypeInit's head) and a centred kernel.
+  Kernel regression with the NTK is what gradient descent on the linearised network converges
+  to, so its left-out error is a training-free estimate of what training the candidate on the
+  shots buys on frames it has not seen. It sees the input (tap, filter), the body's inductive
+  bias and every trainable weight, where ``ridge_loo`` sees only the frozen embedding. The
+  squared error rather than the left-out accuracy: it has no ties, and it ranked trained
+  accuracy better where candidates differ by a point or two (new classes: 0.71 vs 0.46). Not
+  a published proxy (TE-NAS and KNAS use the NTK's spectrum or mean, not a held-out
+  regression); its ridge was chosen on bench_nas's segments (see ``ENTK_ALPHA``).
 * ``lga`` (label-gradient alignment, Mok et al. CVPR 2022): centred kernel alignment between the
   gradient kernel (inner products of per-frame cross-entropy gradients w.r.t. the conv and
   linear weights, an empirical NTK of the loss; 64 class-stratified frames) and the label kernel.
@@ -219,24 +230,131 @@ def ncm(model: Adaptor, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((sim.argmax(1) == idx).double().mean())
 
 
+def _krr_loo(
+    k: torch.Tensor, y: torch.Tensor, alpha: float = 1.0, center: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Left-out predictions of kernel ridge regression on one-hot targets, in closed form.
+
+    No fitting loop: with the hat matrix H = K (K + lam I)^-1 the left-out prediction of frame
+    i is t_i - (t_i - (H t)_i) / (1 - H_ii). lam = ``alpha`` x the mean kernel diagonal, so the
+    result does not depend on the kernel's scale (a candidate's gradient kernel can be 1e6 x
+    another's). ``center``: the kernel of mean-removed feature vectors (a regression with an
+    intercept, as the trained head has a bias). Returns (left-out predictions, centred
+    targets, class index per frame), or None for a kernel with no usable diagonal.
+    """
+    n = len(k)
+    k = k.double()
+    if center:
+        c = torch.eye(n, dtype=k.dtype) - 1.0 / n
+        k = c @ k @ c
+    classes, idx = torch.unique(y, return_inverse=True)
+    t = torch.nn.functional.one_hot(idx, len(classes)).double()
+    t = t - t.mean(0)
+    lam = alpha * float(k.diagonal().mean())
+    if not math.isfinite(lam) or lam <= 0:
+        return None
+    eye = torch.eye(n, dtype=k.dtype)
+    h = k @ torch.linalg.solve(k + lam * eye, eye)
+    loo = t - (t - h @ t) / (1 - h.diagonal()).clamp_min(1e-9)[:, None]
+    return loo, t, idx
+
+
+def _krr_loo_accuracy(
+    k: torch.Tensor, y: torch.Tensor, alpha: float = 1.0, center: bool = False
+) -> float:
+    out = _krr_loo(k, y, alpha, center)
+    if out is None:
+        return 0.0
+    loo, _t, idx = out
+    return float((loo.argmax(1) == idx).double().mean())
+
+
+def _krr_press(k: torch.Tensor, y: torch.Tensor, alpha: float = 1.0, center: bool = False) -> float:
+    """Minus the mean left-out squared error (Allen's PRESS statistic per frame)."""
+    out = _krr_loo(k, y, alpha, center)
+    if out is None or not bool(torch.isfinite(out[0]).all()):
+        return -1e9
+    loo, t, _idx = out
+    return -float(((loo - t) ** 2).sum(1).mean())
+
+
 def ridge_loo(model: Adaptor, x: torch.Tensor, y: torch.Tensor) -> float:
     m = _work_copy(model)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         z = m.embed(x).double()
     z = (z - z.mean(0)) / z.std(0, unbiased=False).clamp_min(1e-6)
-    n = len(z)
-    k = z @ z.T / z.shape[1]
-    classes, idx = torch.unique(y, return_inverse=True)
-    t = torch.nn.functional.one_hot(idx, len(classes)).double()
-    t = t - t.mean(0)
-    # Closed-form leave-one-out of kernel ridge regression (no fitting loop): residual_i /
-    # (1 - H_ii) with H = K (K + lam I)^-1; lam = mean kernel diagonal keeps it scale-free.
-    lam = float(k.diagonal().mean())
-    h = k @ torch.linalg.solve(k + lam * torch.eye(n, dtype=k.dtype), torch.eye(n, dtype=k.dtype))
-    pred = h @ t
-    loo = t - (t - pred) / (1 - h.diagonal()).clamp_min(1e-6)[:, None]
-    return float((loo.argmax(1) == idx).double().mean())
+    return _krr_loo_accuracy(z @ z.T / z.shape[1], y)
+
+
+def _per_frame_kernel(model: Adaptor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Empirical NTK of the adaptor as training starts, (n, n), float64.
+
+    The adaptor starts where :class:`PrototypeInit` puts it (the head from class means), in eval
+    mode (BatchNorm on the shots' statistics, so frames do not interact). Its outputs are
+    contracted with one fixed random direction v (the trace of the multi-output NTK in
+    expectation; one direction ranked like the exact trace on bench_nas's segments), and the
+    kernel is sum over weight tensors of <d(v.f(x_i))/dW, d(v.f(x_j))/dW>. Per-frame gradients
+    come from one batched backward pass: a linear layer's is the outer product of its input and
+    its output gradient, so its kernel block is (D D^T) * (A A^T + 1) without forming them; a
+    conv's is the output gradient times the unfolded input patches (depthwise: per channel);
+    BatchNorm's affine pair is included.
+    """
+    from edge_runtime.adapt.init import PrototypeInit
+
+    m = copy.deepcopy(model)
+    PrototypeInit().init(m, x.numpy(), np.asarray(m.label_map)[y.numpy()])
+    m.eval()
+    seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+
+    def keep(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        out.retain_grad()
+        seen.append((mod, inp[0].detach(), out))
+
+    kinds = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
+    hooks = [mod.register_forward_hook(keep) for mod in m.modules() if isinstance(mod, kinds)]
+    try:
+        logits = m(x.detach())
+    finally:
+        for h in hooks:
+            h.remove()
+    n = len(x)
+    v = torch.randn(logits.shape[1], generator=torch.Generator().manual_seed(0))
+    (logits * v).sum().backward()
+    k = torch.zeros(n, n, dtype=torch.float64)
+    for mod, a, out in seen:
+        d = out.grad
+        if d is None:
+            continue
+        if isinstance(mod, nn.Linear):
+            aa = a.reshape(n, -1) @ a.reshape(n, -1).T
+            if mod.bias is not None:
+                aa = aa + 1.0
+            k += ((d @ d.T) * aa).double()
+            continue
+        if isinstance(mod, nn.Conv2d):
+            u = nn.functional.unfold(a, mod.kernel_size, padding=mod.padding, stride=mod.stride)
+            dd = d.reshape(n, d.shape[1], -1)
+            if mod.groups == 1:
+                g = torch.bmm(dd, u.transpose(1, 2))
+            else:  # depthwise: each channel's taps see only that channel's patches
+                g = torch.einsum("ncp,nckp->nck", dd, u.reshape(n, a.shape[1], -1, u.shape[-1]))
+        else:  # BatchNorm2d in eval mode: y = gamma * x_hat + beta per channel
+            mean = mod.running_mean[None, :, None, None]
+            std = torch.sqrt(mod.running_var[None, :, None, None] + mod.eps)
+            g = torch.cat([(d * (a - mean) / std).sum((2, 3)), d.sum((2, 3))], 1)
+        g = g.reshape(n, -1)
+        k += (g @ g.T).double()
+    return k
+
+
+#: entk_loo's ridge, in units of the centred kernel's mean diagonal. Mean Spearman on
+#: bench_nas's six segments was 0.818 / 0.823 / 0.820 at 2 / 3 / 5 (0.798 at 1, 0.779 at 10).
+ENTK_ALPHA = 3.0
+
+
+def entk_loo(model: Adaptor, x: torch.Tensor, y: torch.Tensor) -> float:
+    return _krr_press(_per_frame_kernel(model, x, y), y, ENTK_ALPHA, center=True)
 
 
 def lga(model: Adaptor, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -314,6 +432,7 @@ PROXIES: dict[str, Proxy] = {
     "meco": meco,  # min eigenvalue of layer correlations, MeCo-style (Jiang et al. 2023)
     "ncm": ncm,  # leave-one-out nearest-class-mean accuracy of the untrained embedding
     "ridge_loo": ridge_loo,  # closed-form leave-one-out kernel-ridge accuracy of the embedding
+    "entk_loo": entk_loo,  # the same with the adaptor's empirical NTK at its starting point
     "lga": lga,  # alignment of the per-frame gradient kernel with the labels (Mok et al. 2022)
     "params": params,  # trainable parameters
     "flops": flops,  # 2 x MACs per frame

@@ -17,7 +17,7 @@ from edge_runtime.errors import ConfigError
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from edge_runtime.cli.run import add_config_args
-    from edge_runtime.meta.train import DEFAULT_FAMILIES, FAMILIES, MetaTrainConfig
+    from edge_runtime.meta.train import DEFAULT_FAMILIES, FAMILIES, META_TAPS, MetaTrainConfig
 
     d = MetaTrainConfig()
     parser = subparsers.add_parser(
@@ -37,11 +37,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=",".join(DEFAULT_FAMILIES),
         help=(
             f"comma-separated adaptor families from {','.join(FAMILIES)} "
-            f"(default {','.join(DEFAULT_FAMILIES)})"
+            f"(default {','.join(DEFAULT_FAMILIES)}); 'conv' is every conv arch of the search "
+            f"space on encoder taps {'/'.join(str(t) for t in META_TAPS)} (one file each), and "
+            "one conv arch can be named as its file is, e.g. conv-t13-96x4x4-2x64"
         ),
     )
     parser.add_argument("--iterations", type=int, default=d.iterations, help="outer steps")
     parser.add_argument("--tasks", type=int, default=d.tasks, help="episodes per outer step")
+    parser.add_argument(
+        "--conv-iterations",
+        type=int,
+        default=d.conv_iterations,
+        help="outer steps per conv arch (each costs ~20x a linear head's)",
+    )
+    parser.add_argument(
+        "--conv-tasks", type=int, default=d.conv_tasks, help="episodes per conv outer step"
+    )
     parser.add_argument("--inner-steps", type=int, default=d.inner_steps, help="fast steps")
     parser.add_argument("--first-order", action="store_true", help="first-order MAML")
     parser.add_argument("--meta-lr", type=float, default=d.meta_lr, help="outer Adam rate")
@@ -58,15 +69,18 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     from edge_runtime.meta.train import FAMILIES, MetaTrainConfig, run_meta_train
 
     families = [f.strip() for f in str(args.families).split(",") if f.strip()]
-    bad = [f for f in families if f not in FAMILIES]
+    # A single conv arch's name is checked against the search space once the encoder is known.
+    bad = [f for f in families if f not in FAMILIES and not f.startswith("conv-")]
     if bad or not families:
         raise ConfigError(f"--families: unknown {bad}; choose from {list(FAMILIES)}")
-    for name in ("iterations", "tasks", "per_class"):
+    for name in ("iterations", "tasks", "conv_iterations", "conv_tasks", "per_class"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')}: must be > 0")
     cfg = MetaTrainConfig(
         iterations=args.iterations,
         tasks=args.tasks,
+        conv_iterations=args.conv_iterations,
+        conv_tasks=args.conv_tasks,
         inner_steps=args.inner_steps,
         first_order=args.first_order,
         meta_lr=args.meta_lr,

@@ -201,6 +201,8 @@ class AdaptConfig(_Section):
     meta_init: OptionalPath = None
     steps: int = Field(300, gt=0)
     lr: float = Field(1e-2, gt=0)
+    # Step size over a training job: annealed from ``lr`` to 0 (cosine), or held (constant).
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
     # New classes: a domain of their own ("separate"), a new adaptor version of the known
     # domain their shots are nearest to ("extend"), or whichever the shots' labels support
     # ("auto"); see edge_runtime/adapt/planner.py.

@@ -1,6 +1,7 @@
 """Meta-learned fast adaptation (MOL-style): Proto-MAML + Meta-SGD with ``torch.func``.
 
-* :mod:`~edge_runtime.meta.episodes`: few-shot episodes from base data under simulated shifts;
+* :mod:`~edge_runtime.meta.episodes`: few-shot episodes from base data under simulated shifts
+  (on pooled features, or on an encoder tap's maps with base replay for the conv family);
 * :mod:`~edge_runtime.meta.maml`: the functional inner/outer loop over any adaptor family;
 * :mod:`~edge_runtime.meta.detector`: the new domain's learned OOD-threshold correction;
 * :mod:`~edge_runtime.meta.store`: meta-init files (safetensors + JSON manifest, by encoder);
@@ -12,7 +13,7 @@ does not import beside the CPU build of torch; ``torch.func`` gives the same inn
 """
 
 from edge_runtime.meta.detector import ThresholdCorrection, domain_threshold
-from edge_runtime.meta.episodes import EpisodeSampler
+from edge_runtime.meta.episodes import EpisodeSampler, ReplayEpisodeSampler, build_tap_domains
 from edge_runtime.meta.maml import MetaParams, ProtoMAML, family_name, initial_meta_params
 from edge_runtime.meta.store import (
     MetaInitFile,
@@ -21,7 +22,12 @@ from edge_runtime.meta.store import (
     meta_cache_dir,
     save_meta_init,
 )
-from edge_runtime.meta.train import MetaTrainConfig, meta_train_family, run_meta_train
+from edge_runtime.meta.train import (
+    MetaTrainConfig,
+    conv_family_archs,
+    meta_train_family,
+    run_meta_train,
+)
 
 __all__ = [
     "EpisodeSampler",
@@ -29,7 +35,10 @@ __all__ = [
     "MetaParams",
     "MetaTrainConfig",
     "ProtoMAML",
+    "ReplayEpisodeSampler",
     "ThresholdCorrection",
+    "build_tap_domains",
+    "conv_family_archs",
     "domain_threshold",
     "family_name",
     "find_meta_init",

@@ -138,6 +138,36 @@ def build_domains(
     return out
 
 
+def build_tap_domains(
+    specs: tuple[ShiftSpec, ...],
+    encoder: object,
+    taps: tuple[int, ...],
+    per_class: int,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[int | None, list[Domain]]:
+    """The shifts' pooled features (key None) and their flattened maps at each of ``taps``,
+    all from one cached encoder pass per shift (:func:`cached_encoded`): a conv family's
+    episodes read the tap map its adaptor reads in the runtime. Same frames, slices and
+    corruption noise as :func:`build_domains` (so the pooled domains equal its result)."""
+    from edge_runtime.encoder.cache import cached_encoded
+
+    taps = tuple(sorted({int(t) for t in taps}))
+    out: dict[int | None, list[Domain]] = {None: [], **{t: [] for t in taps}}
+    used: dict[str, int] = {}
+    for spec in specs:
+        offset = used.get(spec.source, 0)
+        used[spec.source] = offset + 1
+        x, y = shift_images(spec, per_class, seed, offset if spec.source != "mnist" else 0)
+        tag = f"meta-{spec.name}"
+        enc = cached_encoded(encoder, x, taps, tag=tag, progress=tag if progress else False)  # type: ignore[arg-type]
+        out[None].append(Domain(spec.name, np.asarray(enc.features, np.float32), y))
+        for t in taps:
+            m = np.asarray(enc.maps[t], np.float32).reshape(len(x), -1)
+            out[t].append(Domain(spec.name, m, y))
+    return out
+
+
 def encoder_features(encoder: object, progress: bool = False) -> FeatureFn:
     """``features(images, tag)`` through the on-disk feature cache for ``encoder``."""
     from edge_runtime.encoder.cache import cached_features
@@ -159,6 +189,7 @@ class EpisodeBatch:
     yq: torch.Tensor
     n_way: int
     k_shot: int
+    ws: torch.Tensor | None = None  # (T, S) support row weights; None: uniform
 
 
 class EpisodeSampler:
@@ -202,3 +233,88 @@ class EpisodeSampler:
         eps = [self.episode(n_way, k_shot, q_query) for _ in range(tasks)]
         xs, ys, xq, yq = (torch.from_numpy(np.stack([e[i] for e in eps])) for i in range(4))
         return EpisodeBatch(xs.float(), ys, xq.float(), yq, n_way, k_shot)
+
+
+class ReplayEpisodeSampler(EpisodeSampler):
+    """Episodes shaped like the runtime's build of a new domain's adaptor: the support is a few
+    shots of a shifted domain *plus replayed frames of the base domain*, weighted half and half
+    (:func:`edge_runtime.adapt.executor.with_replay`), and the query is the shifted domain's.
+
+    Each batch is one of two cases, as the runtime meets them:
+
+    * ``shift`` (``n_way == 0``): every base class, the shots under the shift and the replay
+      clean, sharing labels (a corruption of the known classes: fog, noise);
+    * ``new`` (``n_way`` of them): ``n_way`` classes seen only under the shift with labels of
+      their own, beside the replay of the other base classes (new classes, a new source).
+
+    Labels are a random permutation per episode, as in :class:`EpisodeSampler`. ``domains[0]``
+    is the base domain (the replay source); the shifted domain is drawn from the others, which
+    must hold (some of) the base's classes: the meta-training shifts all do. (Truly new classes
+    are simulated by relabelling base classes seen under a shift.)
+    """
+
+    def __init__(self, domains: list[Domain], seed: int = 0, replay_per_class: int = 10) -> None:
+        if len(domains) < 2:
+            raise InputError("replay episodes need the base domain and at least one shift")
+        super().__init__(domains, seed)
+        self.replay_per_class = int(replay_per_class)
+
+    @property
+    def max_new(self) -> int:
+        """The most new classes an episode can hold (one base class stays for the replay)."""
+        return len(self.domains[0].classes) - 1
+
+    def episode(
+        self, n_way: int, k_shot: int, q_query: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.weighted_episode(n_way, k_shot, q_query)[:4]
+
+    def weighted_episode(
+        self, n_way: int, k_shot: int, q_query: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        base, base_pools = self.domains[0], self._by_class[0]
+        di = int(self.rng.integers(1, len(self.domains)))
+        d, pools = self.domains[di], self._by_class[di]
+        classes = [c for c in base.classes if c in pools]
+        if len(classes) < 2:
+            raise InputError(
+                f"replay episodes need shifts of the base domain's classes; {d.name} shares "
+                f"{len(classes)} of them"
+            )
+        if n_way > len(classes) - 1:
+            raise InputError(f"at most {len(classes) - 1} new classes, asked for {n_way}")
+        order = [int(c) for c in self.rng.permutation(classes)]
+        if n_way == 0:  # shift: the same classes, the same labels, on both sides
+            shifted, replayed = order, order
+        else:
+            shifted, replayed = order[:n_way], order[n_way:]
+        labels = {c: i for i, c in enumerate(self.rng.permutation(len(classes)).tolist())}
+        local = {c: labels[i] for i, c in enumerate(order)}
+        s_rows, q_rows, s_y, q_y, r_rows, r_y = [], [], [], [], [], []
+        for c in shifted:
+            rows = self.rng.choice(pools[c], k_shot + q_query, replace=False)
+            s_rows.append(rows[:k_shot])
+            q_rows.append(rows[k_shot:])
+            s_y += [local[c]] * k_shot
+            q_y += [local[c]] * q_query
+        for c in replayed:
+            r_rows.append(self.rng.choice(base_pools[c], self.replay_per_class, replace=False))
+            r_y += [local[c]] * self.replay_per_class
+        n_s, n_r = len(s_y), len(r_y)
+        w = np.concatenate([np.full(n_r, 0.5 / n_r), np.full(n_s, 0.5 / n_s)]).astype(np.float32)
+        return (
+            np.concatenate(
+                [base.features[np.concatenate(r_rows)], d.features[np.concatenate(s_rows)]]
+            ),
+            np.asarray(r_y + s_y, np.int64),
+            d.features[np.concatenate(q_rows)],
+            np.asarray(q_y, np.int64),
+            w,
+        )
+
+    def batch(self, tasks: int, n_way: int, k_shot: int, q_query: int) -> EpisodeBatch:
+        eps = [self.weighted_episode(n_way, k_shot, q_query) for _ in range(tasks)]
+        xs, ys, xq, yq, ws = (torch.from_numpy(np.stack([e[i] for e in eps])) for i in range(5))
+        return EpisodeBatch(
+            xs.float(), ys, xq.float(), yq, len(self.domains[0].classes), k_shot, ws
+        )

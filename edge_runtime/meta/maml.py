@@ -22,11 +22,17 @@ query cross-entropy after ``inner_steps`` steps, averaged over a batch of tasks 
 ``first_order`` drops the inner gradients' own graph (FOMAML); the prototypes stay in the graph
 either way. The adaptor is called only through ``functional_call`` on its ``embed`` and
 ``forward``, with its parameters and buffers as a dict, so any family whose forward is
-functional (linear, MLP; a conv family without BatchNorm in training mode) works unchanged.
-A BatchNorm that updates running statistics inside ``vmap`` is not functional, so the conv
-family (2 convs + BatchNorm on a tap map) is not meta-trained yet: MetaInit finds no file for
-it and falls back to prototypes. The way in is to pass each task's BN statistics (computed
-from its support, as ``Adaptor.calibrate_batchnorm`` does) as buffers, eval-mode BN.
+functional (linear, MLP) works unchanged.
+
+The conv family (1-2 convs + BatchNorm on a tap map) is different: a BatchNorm module that
+updates running statistics is not functional inside ``vmap``. Its body is run by
+:meth:`ProtoMAML.embed` layer by layer instead, with BatchNorm written out as the runtime uses
+it: the support (and every fast step on it) normalises with its own batch statistics, as
+``train_adaptor`` does in training mode; the adapted adaptor then carries the support's
+statistics at its final weights as running statistics (``running_var`` unbiased, exactly what
+``Adaptor.calibrate_batchnorm`` stores at install), and the query is scored in eval mode with
+them, as the installed head serves. Each task thus has its own statistics and nothing is
+shared between the tasks of a ``vmap``.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from edge_runtime.errors import InputError
 Params = dict[str, torch.Tensor]
 
 HEAD_W, HEAD_B = "head.weight", "head.bias"
+_RUNNING = ("running_mean", "running_var")
 
 
 class _Embed(nn.Module):
@@ -174,37 +181,96 @@ class ProtoMAML:
         self.first_order = bool(first_order)
         self.template = build_adaptor(arch, [0, 1]).eval()
         self._embed = _Embed(self.template)
+        self.batchnorm = self.template.has_batchnorm
 
     # -- pieces --------------------------------------------------------------------------------
-    def normaliser(self, xs: torch.Tensor, meta: MetaParams) -> Params:
+    def normaliser(
+        self, xs: torch.Tensor, meta: MetaParams, weight: torch.Tensor | None = None
+    ) -> Params:
         """The adaptor's feature normaliser from the support (as ``fit_normalizer``, its spread
-        shrunk toward the learned prior), with the learned gain folded into ``feat_std``."""
+        shrunk toward the learned prior), with the learned gain folded into ``feat_std``.
+        ``weight`` (rows, summing to 1): a weighted support counts as its effective size."""
         if self.arch.normalize:
-            mean = xs.mean(0)
-            n = xs.shape[0]
+            if weight is None:
+                mean, raw, n = xs.mean(0), xs.var(0, unbiased=False), float(xs.shape[0])
+            else:
+                mean = weight @ xs
+                raw = weight @ (xs - mean).pow(2)
+                n = 1.0 / weight.pow(2).sum()  # Kish's effective sample size
             w = n / (n + meta.log_kappa.exp())
-            var = w * xs.var(0, unbiased=False) + (1 - w) * (2 * meta.log_prior_std).exp()
+            var = w * raw + (1 - w) * (2 * meta.log_prior_std).exp()
             std = var.clamp_min(1e-12).sqrt()
         else:
             mean, std = torch.zeros_like(xs[0]), torch.ones_like(xs[0])
         return {"feat_mean": mean, "feat_std": std / meta.log_gain.exp()}
 
     def embed(self, body: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+        """The head's input. A BatchNorm family uses ``buffers``' running statistics where they
+        are present (eval mode) and the batch's own otherwise (training mode)."""
+        if self.batchnorm:
+            return self._conv_embed(body, buffers, x)[0]
         state = {f"a.{k}": v for k, v in (body | buffers).items()}
         return functional_call(self._embed, state, (x,))
 
     def logits(self, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+        if self.batchnorm:
+            return F.linear(self.embed(params, buffers, x), params[HEAD_W], params[HEAD_B])
         return functional_call(self.template, params | buffers, (x,))
+
+    def batchnorm_stats(self, params: Params, buffers: Params, x: torch.Tensor) -> Params:
+        """Running statistics of every BatchNorm from ``x``'s batch at ``params`` (what
+        ``Adaptor.calibrate_batchnorm`` sets at install); empty for a family without one."""
+        if not self.batchnorm:
+            return {}
+        plain = {k: v for k, v in buffers.items() if not k.endswith(_RUNNING)}
+        return self._conv_embed(params, plain, x)[1]
+
+    def _conv_embed(
+        self, body: Params, buffers: Params, x: torch.Tensor
+    ) -> tuple[torch.Tensor, Params]:
+        """The conv body written out functionally (see the module docstring); also returns the
+        running statistics each training-mode BatchNorm would store for this batch."""
+        h = (x - buffers["feat_mean"]) / buffers["feat_std"]
+        stats: Params = {}
+        for i, m in enumerate(self.template.body):
+            key = f"body.{i}"
+            if isinstance(m, nn.Conv2d):
+                h = F.conv2d(
+                    h, body[f"{key}.weight"], None, m.stride, m.padding, m.dilation, m.groups
+                )
+            elif isinstance(m, nn.BatchNorm2d):
+                if f"{key}.running_mean" in buffers:
+                    mean, var = buffers[f"{key}.running_mean"], buffers[f"{key}.running_var"]
+                else:
+                    mean = h.mean((0, 2, 3))
+                    var = h.var((0, 2, 3), unbiased=False)
+                    n = h.numel() // h.shape[1]
+                    stats[f"{key}.running_mean"] = mean
+                    stats[f"{key}.running_var"] = var * (n / max(n - 1, 1))
+                scale = torch.rsqrt(var + m.eps) * body[f"{key}.weight"]
+                shift = body[f"{key}.bias"] - mean * scale
+                h = h * scale[:, None, None] + shift[:, None, None]
+            else:  # reshape, activation, pooling, flatten: no tensors of their own
+                h = m(h)
+        return h, stats
 
     @staticmethod
     def prototype_head(
-        z: torch.Tensor, y: torch.Tensor, n_way: int, log_scale: torch.Tensor
+        z: torch.Tensor,
+        y: torch.Tensor,
+        n_way: int,
+        log_scale: torch.Tensor,
+        weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """PrototypeInit's head (class means, 1/|z|^2 scale) times the learned temperature."""
+        """PrototypeInit's head (class means, 1/|z|^2 scale) times the learned temperature;
+        with ``weight``, weighted class means (a class's shots outweigh its replayed rows)."""
         onehot = (y[:, None] == torch.arange(n_way, device=y.device)).to(z.dtype)
-        counts = onehot.sum(0).clamp_min(1.0)  # a class with no shot keeps a zero prototype
-        protos = (onehot.T @ z) / counts[:, None]
-        scale = log_scale.exp() / z.pow(2).sum(1).mean().clamp_min(1e-6)
+        if weight is None:
+            weight = torch.full_like(z[:, 0], 1.0 / z.shape[0])
+        mass = onehot * weight[:, None]
+        # A class with no shot keeps a zero prototype.
+        protos = (mass.T @ z) / mass.sum(0).clamp_min(1e-12)[:, None]
+        scale = log_scale.exp() / (weight @ z.pow(2).sum(1)).clamp_min(1e-6)
         return 2.0 * scale * protos, -scale * protos.pow(2).sum(1)
 
     # -- one task ------------------------------------------------------------------------------
@@ -215,17 +281,29 @@ class ProtoMAML:
         ys: torch.Tensor,
         n_way: int,
         steps: int | None = None,
+        weight: torch.Tensor | None = None,
     ) -> tuple[Params, Params]:
         """Initialise from ``meta`` and the support, then ``steps`` (default ``inner_steps``)
-        Meta-SGD steps; returns (parameters, buffers) of the adapted adaptor."""
-        buffers = self.normaliser(xs, meta)
+        Meta-SGD steps; returns (parameters, buffers) of the adapted adaptor (a BatchNorm
+        family's buffers include the support's running statistics at the final weights).
+
+        ``weight``: per-row weights of the support, as ``train_adaptor``'s ``sample_weight``
+        (the runtime's train set is a few shots plus hundreds of replayed rows, weighted half
+        and half): the normaliser, the prototypes and the fast steps' loss use them. Episodes
+        are balanced, so meta-training passes none (uniform)."""
+        if weight is not None:
+            weight = weight / weight.sum()
+        buffers = self.normaliser(xs, meta, weight)
         z = self.embed(meta.body, buffers, xs)
-        w, b = self.prototype_head(z, ys, n_way, meta.log_scale)
+        w, b = self.prototype_head(z, ys, n_way, meta.log_scale, weight)
         params: Params = dict(meta.body) | {HEAD_W: w, HEAD_B: b}
         lrs = {k: v.exp() for k, v in meta.log_lr.items()}
 
         def support_loss(p: Params) -> torch.Tensor:
-            return F.cross_entropy(self.logits(p, buffers, xs), ys)
+            out = self.logits(p, buffers, xs)
+            if weight is None:
+                return F.cross_entropy(out, ys)
+            return (F.cross_entropy(out, ys, reduction="none") * weight).sum()
 
         step_grad: Callable[[Params], Params] = grad(support_loss)
         for _ in range(self.inner_steps if steps is None else int(steps)):
@@ -233,7 +311,7 @@ class ProtoMAML:
             if self.first_order:
                 g = {k: v.detach() for k, v in g.items()}
             params = {k: params[k] - lrs[k] * g[k] for k in params}
-        return params, buffers
+        return params, buffers | self.batchnorm_stats(params, buffers, xs)
 
     def query_loss(
         self,
@@ -244,9 +322,11 @@ class ProtoMAML:
         yq: torch.Tensor,
         n_way: int,
         steps: int | None = None,
+        ws: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query cross-entropy, query accuracy) after adapting on the support."""
-        params, buffers = self.adapt(meta, xs, ys, n_way, steps)
+        """(query cross-entropy, query accuracy) after adapting on the (``ws``-weighted)
+        support."""
+        params, buffers = self.adapt(meta, xs, ys, n_way, steps, ws)
         out = self.logits(params, buffers, xq)
         return F.cross_entropy(out, yq), (out.argmax(1) == yq).float().mean()
 
@@ -260,15 +340,26 @@ class ProtoMAML:
         yq: torch.Tensor,
         n_way: int,
         steps: int | None = None,
+        ws: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean query loss and accuracy over stacked tasks (leading dim), vmapped."""
+        """Mean query loss and accuracy over stacked tasks (leading dim), vmapped; ``ws``:
+        (tasks, support) row weights, or None (uniform)."""
+        if ws is None:
 
-        def one(
-            a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.query_loss(meta, a, b, c, d, n_way, steps)
+            def one(
+                a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                return self.query_loss(meta, a, b, c, d, n_way, steps)
 
-        loss, acc = vmap(one)(xs, ys, xq, yq)
+            loss, acc = vmap(one)(xs, ys, xq, yq)
+        else:
+
+            def weighted(
+                a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, w: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                return self.query_loss(meta, a, b, c, d, n_way, steps, w)
+
+            loss, acc = vmap(weighted)(xs, ys, xq, yq, ws)
         return loss.mean(), acc.mean()
 
     # -- onto a real adaptor -------------------------------------------------------------------

@@ -7,6 +7,12 @@ checkpoint every ``checkpoint_every`` iterations: a killed run started again wit
 arguments continues from its last checkpoint (the sampler's random state included, so the
 resumed run draws the episodes the uninterrupted one would have drawn).
 
+Families: ``linear`` (and opt-in ``mlp``) on the pooled features with plain few-shot episodes;
+``conv``, one file per conv arch of the search space on encoder taps 10 and 13
+(:func:`conv_family_archs`; a file is keyed by the exact arch), on the tap maps of the same
+frames (:func:`~edge_runtime.meta.episodes.build_tap_domains`) with replay episodes shaped like
+the runtime's build (:class:`~edge_runtime.meta.episodes.ReplayEpisodeSampler`).
+
 Then the detector side: the threshold correction (:mod:`edge_runtime.meta.detector`), fitted on
 the same training shifts through a memory bank built as the runtime builds it.
 """
@@ -17,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,7 @@ from tqdm import tqdm
 
 from edge_runtime.adapt.adaptor import AdaptorArch, _torch_threads
 from edge_runtime.errors import CheckpointError, InputError
-from edge_runtime.meta.episodes import EpisodeBatch, EpisodeSampler
+from edge_runtime.meta.episodes import Domain, EpisodeBatch, EpisodeSampler, ReplayEpisodeSampler
 from edge_runtime.meta.maml import MetaParams, ProtoMAML, family_name, initial_meta_params
 from edge_runtime.state.atomic import atomic_path, atomic_write_json
 
@@ -38,10 +44,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MetaTrainConfig:
-    """Default size: a few minutes on 2 CPU cores for both families."""
+    """Default size: about two minutes on one core for the linear family; a conv arch costs
+    more (``conv_iterations`` outer steps of ``conv_tasks`` replay episodes: a second-order
+    step through five fast steps of two 3x3 convs of width 64 costs ~0.5-1.5 s on one core,
+    20 times a linear head's; 250 of them took 669-713 s each on 2 cores shared with four
+    other jobs, benchmarks/RESULTS.md). The narrower and separable archs cost less."""
 
     iterations: int = 1500
     tasks: int = 8
+    conv_iterations: int = 250
+    conv_tasks: int = 4
     inner_steps: int = 5
     first_order: bool = False
     meta_lr: float = 3e-3
@@ -56,6 +68,12 @@ class MetaTrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def for_arch(self, arch: AdaptorArch) -> MetaTrainConfig:
+        """The size this arch trains at (a conv family: ``conv_iterations``/``conv_tasks``)."""
+        if arch.kind != "conv":
+            return self
+        return replace(self, iterations=self.conv_iterations, tasks=self.conv_tasks)
 
 
 @dataclass
@@ -78,12 +96,17 @@ def fixed_batches(sampler: EpisodeSampler, cfg: MetaTrainConfig, count: int) -> 
     pairs = [(w, k) for w in cfg.n_way for k in cfg.k_shot]
     for i in range(count):
         w, k = pairs[i % len(pairs)]
-        out.append(sampler.batch(cfg.eval_tasks, min(w, _max_way(sampler)), k, cfg.q_query))
+        out.append(sampler.batch(cfg.eval_tasks, _way(sampler, w), k, cfg.q_query))
     return out
 
 
-def _max_way(sampler: EpisodeSampler) -> int:
-    return min(len(d.classes) for d in sampler.domains)
+def _way(sampler: EpisodeSampler, w: int) -> int:
+    """The episode's way for a drawn ``w``. Replay episodes: ``w`` new classes up to one fewer
+    than the base has, and from there on the shift case (0: every class, shared labels), so
+    the default (2..6) gives 2-4 new classes in 60% of batches and a shift in 40%."""
+    if isinstance(sampler, ReplayEpisodeSampler):
+        return w if w < sampler.max_new else 0
+    return min(w, min(len(d.classes) for d in sampler.domains))
 
 
 @torch.no_grad()
@@ -94,7 +117,9 @@ def evaluate(
     losses, accs = [], []
     for b in batches:
         with torch.enable_grad():  # the inner steps need gradients; nothing flows outward
-            loss, acc = model.batch_loss(_detached(meta), b.xs, b.ys, b.xq, b.yq, b.n_way, steps)
+            loss, acc = model.batch_loss(
+                _detached(meta), b.xs, b.ys, b.xq, b.yq, b.n_way, steps, b.ws
+            )
         losses.append(float(loss))
         accs.append(float(acc))
     return float(np.mean(losses)), float(np.mean(accs))
@@ -230,11 +255,10 @@ def _meta_train_family(
         disable=not progress,
         leave=False,
     )
-    max_way = _max_way(sampler)
     for done, it in enumerate(range(start, cfg.iterations), start=1):
         w, k = _shape_rng(cfg, it)
-        b = sampler.batch(cfg.tasks, min(w, max_way), k, cfg.q_query)
-        loss, acc = model.batch_loss(meta, b.xs, b.ys, b.xq, b.yq, b.n_way)
+        b = sampler.batch(cfg.tasks, _way(sampler, w), k, cfg.q_query)
+        loss, acc = model.batch_loss(meta, b.xs, b.ys, b.xq, b.yq, b.n_way, ws=b.ws)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -263,21 +287,74 @@ def _meta_train_family(
     return TrainResult(_detached(meta), history, time.perf_counter() - t0, start)
 
 
-FAMILIES: tuple[str, ...] = ("linear", "mlp")
+FAMILIES: tuple[str, ...] = ("linear", "mlp", "conv")
 # The MLP family trains but does not yet pay: on the held-out shifts its meta-init was 4.9
 # points below prototype init at 5 shots and 5 steps (benchmarks/bench_meta.py --families mlp),
 # and a cached file would make MetaInit use it. Opt in with --families linear,mlp.
+# The conv family is opt-in too (--families linear,conv): its 8 files took about 30 minutes of
+# 2 shared cores, and in the runtime at 50 labels per drift the heads after the worker's
+# training were no better than prototype-initialised ones (80.6 both on fashion-drift); what it
+# changes is the head served before training ends -- better for a shift of known labels (fog
+# served at 79-84% against 55%), worse for new label sets (benchmarks/RESULTS.md).
 DEFAULT_FAMILIES: tuple[str, ...] = ("linear",)
 MLP_HIDDEN = 128
+#: The encoder taps whose conv adaptors are meta-trained: the zero-shot search picked conv
+#: adaptors on blocks 10 and 13 for every drift of fashion-drift (benchmarks/RESULTS.md); the
+#: 8x8 maps of blocks 3 and 6 cost four times as much per step and were not picked.
+META_TAPS: tuple[int, ...] = (10, 13)
+
+
+def conv_family_archs(input_size: int, taps: Sequence[int] = META_TAPS) -> list[AdaptorArch]:
+    """The conv archs of the runtime's search space (:func:`default_space`) on ``taps``
+    without input conditioning: one meta-init file each, since a file is keyed by the exact
+    arch (its tap, map shape, convs, width, separability and activation)."""
+    from edge_runtime.adapt.space import default_space
+
+    return [
+        a
+        for a in default_space(1, input_size)
+        if a.kind == "conv" and a.tap in set(taps) and a.condition == "none"
+    ]
+
+
+def family_archs(kind: str, in_dim: int, input_size: int) -> list[AdaptorArch]:
+    """The archs a ``--families`` entry stands for: ``linear``, ``mlp``, ``conv`` (every arch
+    of :func:`conv_family_archs`), or one conv family's exact name (e.g.
+    ``conv-t13-96x4x4-2x64``, as :func:`family_name` writes it)."""
+    if kind in ("linear", "mlp"):
+        return [family_arch(kind, in_dim)]
+    convs = conv_family_archs(input_size)
+    if kind == "conv":
+        return convs
+    named = [a for a in convs if family_name(a) == kind]
+    if not named:
+        raise InputError(
+            f"meta-train: unknown family {kind!r}; choose from {FAMILIES} or one of "
+            f"{[family_name(a) for a in convs]}"
+        )
+    return named
 
 
 def family_arch(kind: str, in_dim: int, hidden: int = MLP_HIDDEN) -> AdaptorArch:
-    """The arch a family name stands for on features of width ``in_dim``."""
+    """The arch a pooled family name stands for on features of width ``in_dim``."""
     if kind == "linear":
         return AdaptorArch("linear", in_dim)
     if kind == "mlp":
         return AdaptorArch("mlp", in_dim, hidden=hidden, depth=1)
-    raise InputError(f"meta-train: unknown family {kind!r}; choose from {FAMILIES}")
+    raise InputError(f"meta-train: unknown pooled family {kind!r}; choose linear or mlp")
+
+
+def episode_sampler(domains: list[Domain], tap: int | None, seed: int) -> EpisodeSampler:
+    """A tap (conv) family's episodes carry base replay, as the runtime builds a new domain's
+    adaptor on a tap: its shots plus replayed base frames, weighted half and half, with the
+    replay's classes in the label map (a tap adaptor only ever serves such sets). Measured on
+    fashion-drift (benchmarks/RESULTS.md, 2026-12-08), the fast steps still serve new label
+    sets worse than prototypes do, and neither kind of episode moved the trained head's final
+    accuracy. A pooled family keeps plain episodes: the base domain's head uses it too, on
+    thousands of labels and no replay."""
+    if tap is None:
+        return EpisodeSampler(domains, seed)
+    return ReplayEpisodeSampler(domains, seed)
 
 
 # ------------------------------------------------------------------------------ the command
@@ -326,7 +403,12 @@ def run_meta_train(
     meta-init per family in ``out`` (and in the cache for this encoder when ``install``), and
     ``out/meta_train.json`` describing the run."""
     from edge_runtime.encoder.export import spec_digest
-    from edge_runtime.meta.episodes import TRAIN_SHIFTS, build_domains, encoder_features
+    from edge_runtime.meta.episodes import (
+        TRAIN_SHIFTS,
+        build_domains,
+        build_tap_domains,
+        encoder_features,
+    )
     from edge_runtime.meta.store import SUMMARY_NAME, meta_cache_dir, save_meta_init
     from edge_runtime.runtime import build_encoder
 
@@ -334,11 +416,26 @@ def run_meta_train(
     out = Path(out)
     enc = encoder if encoder is not None else build_encoder(config)
     encoder_hash = spec_digest(enc.spec)
-    domains = build_domains(TRAIN_SHIFTS, encoder_features(enc, progress), per_class, cfg.seed)
+    archs = [
+        a for kind in families for a in family_archs(kind, int(enc.spec.dim), enc.spec.input_size)
+    ]
+    taps = sorted({a.tap for a in archs if a.tap is not None})
+    if taps:
+        # One encoder pass per shift gives the pooled features and every tap's map.
+        by_tap = build_tap_domains(TRAIN_SHIFTS, enc, tuple(taps), per_class, cfg.seed, progress)
+    else:
+        by_tap = {
+            None: build_domains(TRAIN_SHIFTS, encoder_features(enc, progress), per_class, cfg.seed)
+        }
+    domains = by_tap[None]
     t_features = time.perf_counter() - t0
     # Validation episodes come from the training shifts under another seed: the held-out shifts
-    # stay unseen until benchmarks/bench_meta.py.
-    val = fixed_batches(EpisodeSampler(domains, cfg.seed + 1), cfg, 10)
+    # stay unseen until benchmarks/bench_meta.py. A conv family's cost fewer batches (each is
+    # ~20x a linear head's).
+    val = {
+        tap: fixed_batches(episode_sampler(ds, tap, cfg.seed + 1), cfg, 10 if tap is None else 4)
+        for tap, ds in by_tap.items()
+    }
     t1 = time.perf_counter()
     correction = fit_threshold_correction(config, enc.spec, domains[0], domains[1:], seed=cfg.seed)
     t_detector = time.perf_counter() - t1
@@ -352,20 +449,20 @@ def run_meta_train(
         "detector": correction.to_dict(),
         "families": {},
     }
-    for kind in families:
-        arch = family_arch(kind, int(enc.spec.dim))
+    for arch in archs:
         name = family_name(arch)
-        sampler = EpisodeSampler(domains, cfg.seed)
+        acfg = cfg.for_arch(arch)
+        sampler = episode_sampler(by_tap[arch.tap], arch.tap, cfg.seed)
         res = meta_train_family(
             arch,
             sampler,
-            cfg,
+            acfg,
             checkpoint=out / ".checkpoints" / name,
-            val_batches=val,
+            val_batches=val[arch.tap],
             progress=progress,
         )
         training = {
-            "config": cfg.to_dict(),
+            "config": acfg.to_dict(),
             "shifts": summary["shifts"],
             "seconds": round(res.seconds, 2),
             "resumed_from": res.resumed_from,
@@ -377,8 +474,8 @@ def run_meta_train(
                 arch,
                 res.meta,
                 encoder_hash,
-                inner_steps=cfg.inner_steps,
-                first_order=cfg.first_order,
+                inner_steps=acfg.inner_steps,
+                first_order=acfg.first_order,
                 correction=correction,
                 training=training,
             )
@@ -390,8 +487,8 @@ def run_meta_train(
                     arch,
                     res.meta,
                     encoder_hash,
-                    inner_steps=cfg.inner_steps,
-                    first_order=cfg.first_order,
+                    inner_steps=acfg.inner_steps,
+                    first_order=acfg.first_order,
                     correction=correction,
                     training=training,
                 )

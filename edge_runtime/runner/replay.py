@@ -521,6 +521,7 @@ def _baselines(
         returns=None if returns is None else {int(k): int(v) for k, v in returns.items()},
         steps=config.adapt.steps,
         lr=config.adapt.lr,
+        schedule=config.adapt.lr_schedule,
         seed=config.hdc.seed,
     )
     mfa = metrics.get("mean_final_accuracy")
