@@ -380,13 +380,27 @@ def main(argv: list[str] | None = None) -> int:
             f"params {rho['params']:.2f}  train {sum(train_s):.0f}s"
         )
 
-        _write(out, per_seg, space, args, enc, shots, n_eval, steps, lr, plain + votes)
-    _write(out, per_seg, space, args, enc, shots, n_eval, steps, lr, plain + votes, final=True)
+        _write(out, per_seg, space, args, enc, shots, n_eval, steps, lr, schedule, plain + votes)
+    _write(
+        out,
+        per_seg,
+        space,
+        args,
+        enc,
+        shots,
+        n_eval,
+        steps,
+        lr,
+        schedule,
+        plain + votes,
+        final=True,
+    )
     return 0
 
 
-def _write(out, per_seg, space, args, enc, shots, n_eval, steps, lr, names, final=False) -> None:
-    cfg_schedule = runtime_config(args).adapt.lr_schedule
+def _write(
+    out, per_seg, space, args, enc, shots, n_eval, steps, lr, schedule, names, final=False
+) -> None:
     """The JSON after every segment (a long run interrupted still leaves its numbers); the
     table and the PNG at the end."""
     feat_dim, size = enc.spec.dim, enc.spec.input_size
@@ -425,7 +439,7 @@ def _write(out, per_seg, space, args, enc, shots, n_eval, steps, lr, names, fina
             "eval_frames": n_eval,
             "steps": steps,
             "lr": lr,
-            "lr_schedule": cfg_schedule,
+            "lr_schedule": schedule,
             "threads": args.threads,
             "quick": args.quick,
             "encoder": encoder_line(enc),

@@ -412,14 +412,25 @@ def train_adaptor(
     y = torch.from_numpy(adaptor.to_local(y_np))
     w = None
     if sample_weight is not None:
-        w_np = np.asarray(sample_weight, dtype=np.float32)
-        if w_np.shape != (len(x),) or not np.isfinite(w_np).all() or (w_np < 0).any():
-            raise InputError(f"sample_weight must be ({len(x)},) finite and >= 0")
+        w_np = checked_sample_weight(sample_weight, len(x))
         w = torch.from_numpy(w_np / max(float(w_np.sum()), 1e-12))
     with _torch_threads(threads):
         return _train(
             adaptor, x, y, steps, lr, weight_decay, seed, fit_normalizer, cancel, w, schedule
         )
+
+
+def checked_sample_weight(
+    sample_weight: np.ndarray, n: int, *, nonzero: bool = False
+) -> np.ndarray:
+    """``sample_weight`` as float32 (n,), or InputError when it is not finite and >= 0 (and,
+    with ``nonzero``, not all 0)."""
+    w = np.asarray(sample_weight, dtype=np.float32)
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any():
+        raise InputError(f"sample_weight must be ({n},) finite and >= 0")
+    if nonzero and not float(w.sum()) > 0:
+        raise InputError(f"sample_weight must be ({n},) finite, >= 0, not all 0")
+    return w
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from edge_runtime.adapt.adaptor import Adaptor, _torch_threads
+from edge_runtime.adapt.adaptor import Adaptor, _torch_threads, checked_sample_weight
 
 if TYPE_CHECKING:
     from edge_runtime.meta.detector import ThresholdCorrection
@@ -272,11 +272,7 @@ class MetaInit:
         y = torch.from_numpy(adaptor.to_local(np.asarray(labels)))
         w = None
         if sample_weight is not None:
-            w = torch.as_tensor(np.asarray(sample_weight, np.float32))
-            if w.shape != (len(x),) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-                from edge_runtime.errors import InputError
-
-                raise InputError(f"sample_weight must be ({len(x)},) finite, >= 0, not all 0")
+            w = torch.from_numpy(checked_sample_weight(sample_weight, len(x), nonzero=True))
         steps = meta_file.inner_steps if self.steps is None else int(self.steps)
         model = ProtoMAML(adaptor.arch, steps)
         # Enable grad: the fast steps differentiate even under an inference-mode caller.

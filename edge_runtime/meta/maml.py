@@ -344,22 +344,13 @@ class ProtoMAML:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean query loss and accuracy over stacked tasks (leading dim), vmapped; ``ws``:
         (tasks, support) row weights, or None (uniform)."""
-        if ws is None:
 
-            def one(
-                a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-                return self.query_loss(meta, a, b, c, d, n_way, steps)
+        def one(
+            a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, *w: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.query_loss(meta, a, b, c, d, n_way, steps, w[0] if w else None)
 
-            loss, acc = vmap(one)(xs, ys, xq, yq)
-        else:
-
-            def weighted(
-                a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, w: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-                return self.query_loss(meta, a, b, c, d, n_way, steps, w)
-
-            loss, acc = vmap(weighted)(xs, ys, xq, yq, ws)
+        loss, acc = vmap(one)(xs, ys, xq, yq, *(() if ws is None else (ws,)))
         return loss.mean(), acc.mean()
 
     # -- onto a real adaptor -------------------------------------------------------------------
