@@ -63,9 +63,7 @@ from edge_runtime.meta.episodes import (
     HELD_OUT_SHIFTS,
     TRAIN_SHIFTS,
     Domain,
-    build_domains,
-    build_tap_domains,
-    encoder_features,
+    domains_by_tap,
 )
 from edge_runtime.meta.maml import ProtoMAML, family_name
 from edge_runtime.meta.store import MetaInitFile, find_meta_init, load_meta_init
@@ -448,14 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         family_name(a): a for f in families for a in family_archs(f, spec.dim, spec.input_size)
     }
     taps = tuple(sorted({a.tap for a in archs.values() if a.tap is not None}))
-    if taps:
-        # Pooled features and every tap's maps of the same frames, one encoder pass a shift.
-        train_by = build_tap_domains(TRAIN_SHIFTS, encoder, taps, 200, 0, progress=True)
-        evals_by = build_tap_domains((BASE_EVAL, *HELD_OUT_SHIFTS), encoder, taps, 200, 0)
-    else:
-        feats = encoder_features(encoder, progress=True)
-        train_by = {None: build_domains(TRAIN_SHIFTS, feats, 200, 0)}
-        evals_by = {None: build_domains((BASE_EVAL, *HELD_OUT_SHIFTS), feats, 200, 0)}
+    # With taps: pooled features and every tap's maps of the same frames, one pass a shift.
+    train_by = domains_by_tap(TRAIN_SHIFTS, encoder, taps, 200, 0, progress=True)
+    evals_by = domains_by_tap((BASE_EVAL, *HELD_OUT_SHIFTS), encoder, taps, 200, 0, progress=True)
     train, evals = train_by[None], evals_by[None]
     base_train = train[0]
     base_eval, held = evals[0], evals[1:]

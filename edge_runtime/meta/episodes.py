@@ -168,6 +168,21 @@ def build_tap_domains(
     return out
 
 
+def domains_by_tap(
+    specs: tuple[ShiftSpec, ...],
+    encoder: object,
+    taps: tuple[int, ...],
+    per_class: int,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[int | None, list[Domain]]:
+    """The shifts' domains keyed by tap (None: pooled features): :func:`build_tap_domains` when
+    a family reads taps, else :func:`build_domains` through the pooled-feature cache."""
+    if taps:
+        return build_tap_domains(specs, encoder, taps, per_class, seed, progress)
+    return {None: build_domains(specs, encoder_features(encoder, progress), per_class, seed)}
+
+
 def encoder_features(encoder: object, progress: bool = False) -> FeatureFn:
     """``features(images, tag)`` through the on-disk feature cache for ``encoder``."""
     from edge_runtime.encoder.cache import cached_features

@@ -403,12 +403,7 @@ def run_meta_train(
     meta-init per family in ``out`` (and in the cache for this encoder when ``install``), and
     ``out/meta_train.json`` describing the run."""
     from edge_runtime.encoder.export import spec_digest
-    from edge_runtime.meta.episodes import (
-        TRAIN_SHIFTS,
-        build_domains,
-        build_tap_domains,
-        encoder_features,
-    )
+    from edge_runtime.meta.episodes import TRAIN_SHIFTS, domains_by_tap
     from edge_runtime.meta.store import SUMMARY_NAME, meta_cache_dir, save_meta_init
     from edge_runtime.runtime import build_encoder
 
@@ -419,14 +414,9 @@ def run_meta_train(
     archs = [
         a for kind in families for a in family_archs(kind, int(enc.spec.dim), enc.spec.input_size)
     ]
-    taps = sorted({a.tap for a in archs if a.tap is not None})
-    if taps:
-        # One encoder pass per shift gives the pooled features and every tap's map.
-        by_tap = build_tap_domains(TRAIN_SHIFTS, enc, tuple(taps), per_class, cfg.seed, progress)
-    else:
-        by_tap = {
-            None: build_domains(TRAIN_SHIFTS, encoder_features(enc, progress), per_class, cfg.seed)
-        }
+    taps = tuple(sorted({a.tap for a in archs if a.tap is not None}))
+    # With taps, one encoder pass per shift gives the pooled features and every tap's map.
+    by_tap = domains_by_tap(TRAIN_SHIFTS, enc, taps, per_class, cfg.seed, progress)
     domains = by_tap[None]
     t_features = time.perf_counter() - t0
     # Validation episodes come from the training shifts under another seed: the held-out shifts
