@@ -46,6 +46,8 @@ from edge_runtime.adapt.planner import (
 from edge_runtime.adapt.registry import DomainRegistry
 from edge_runtime.adapt.replay import PER_CLASS
 from edge_runtime.adapt.search import ArchitectureSearch, FixedArchitecture
+from edge_runtime.adapt.self_training import SelfTrainingSpec
+from edge_runtime.adapt.unlabelled import UnlabelledPool
 from edge_runtime.commands import CommandHandler, CommandQueue
 from edge_runtime.config.schema import RuntimeConfig
 from edge_runtime.drift import DOMAIN_SHIFT, DriftMonitor, NoveltyClassifier
@@ -163,6 +165,7 @@ class Runtime:
                 max_total_params=cfg.adapt.max_total_params,
             ),
             correction=init.detector_correction() if isinstance(init, MetaInit) else None,
+            self_training=self_training_for(cfg),
         )
         self.controller = AdaptationController(
             self.domains_set,
@@ -173,6 +176,7 @@ class Runtime:
             self.executor,
             self.events,
             self.signature,
+            pool=UnlabelledPool(cfg.adapt.self_training_pool) if cfg.adapt.self_training else None,
         )
         self.command_handler = CommandHandler(
             self.commands,
@@ -328,6 +332,11 @@ class Runtime:
                 if self.labels.wants_more
                 else False
             )
+            d = int(served.domain[j])
+            if not is_ood[j] and self.controller.wants_unlabelled(d):
+                self.controller.unlabelled(
+                    i, served.features[j], compact_image(frames[j], self.encoder.spec.input_size)
+                )
             if self.monitor.paused:
                 continue
             ev = self.monitor.update(
@@ -573,6 +582,15 @@ def label_budget_for(config: RuntimeConfig, initializer: Initializer) -> int:
         a.label_budget,
     )
     return a.label_budget
+
+
+def self_training_for(config: RuntimeConfig) -> SelfTrainingSpec | None:
+    a = config.adapt
+    if not a.self_training:
+        return None
+    return SelfTrainingSpec(
+        pool=a.self_training_pool, rounds=a.self_training_rounds, fraction=a.self_training_fraction
+    )
 
 
 def make_search(config: RuntimeConfig, encoder: Encoder) -> ArchitectureSearch:

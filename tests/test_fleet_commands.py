@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from small_runtime import small_config
 
 from edge_runtime.adapt.bundle import bundle_manifest, read_bundle, sha256_hex
 from edge_runtime.config import RuntimeConfig
@@ -30,17 +31,7 @@ from edge_runtime.fleet.payloads import (
 )
 from edge_runtime.runtime import Runtime, build_encoder
 
-CFG = RuntimeConfig().with_overrides(
-    {
-        "encoder.input_size": 32,
-        "encoder.batch_size": 32,
-        "hdc.dim": 2048,
-        "drift.warmup": 60,
-        "drift.confirm_frames": 10,
-        "adapt.label_budget": 48,
-        "adapt.steps": 60,
-    }
-)
+CFG = small_config({"adapt.label_budget": 48})
 CLEAN = 160  # each stream: CLEAN clean frames, then fogged ones
 FLAGGED = 288  # both streams have flagged the fog by then (at about frame 175)
 END = 360

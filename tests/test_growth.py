@@ -8,29 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from small_runtime import small_config
 from test_runtime import _serve  # the same test-then-train batch loop
 
 from edge_runtime.adapt.domains import DomainSet
 from edge_runtime.adapt.planner import EXTEND, GROW, AdaptationPlanner, Budgets
 from edge_runtime.adapt.registry import DomainRegistry
-from edge_runtime.config import RuntimeConfig
 from edge_runtime.data import load_fashion_mnist
 from edge_runtime.data.corruptions import corrupt
 from edge_runtime.drift import NOVEL_CLASS
 from edge_runtime.labels import Shots, Trigger
 from edge_runtime.runtime import Runtime, build_encoder, make_bank, make_registry
 
-CFG = RuntimeConfig().with_overrides(
-    {
-        "encoder.input_size": 32,
-        "encoder.batch_size": 32,
-        "hdc.dim": 2048,
-        "drift.warmup": 60,
-        "drift.confirm_frames": 10,
-        "adapt.label_budget": 60,
-        "adapt.steps": 60,
-    }
-)
+CFG = small_config({"adapt.label_budget": 60})
 
 
 @pytest.fixture(scope="module")

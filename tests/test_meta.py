@@ -430,7 +430,8 @@ def test_conv_meta_init_round_trips_and_is_refused_for_another_encoder(
 
 
 def test_build_report_init_names_what_ran(tap_domains: dict[str, Any]) -> None:
-    from edge_runtime.adapt.executor import AdaptationExecutor, TrainSet
+    from edge_runtime.adapt.executor import AdaptationExecutor
+    from edge_runtime.adapt.jobs import TrainSet
     from edge_runtime.adapt.search import FixedArchitecture
 
     arch = _conv_arch()

@@ -8,24 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from small_runtime import small_config
 
-from edge_runtime.config import RuntimeConfig
 from edge_runtime.data import load_fashion_mnist
 from edge_runtime.data.corruptions import corrupt
 from edge_runtime.errors import CheckpointError, InputError
 from edge_runtime.runtime import Runtime, build_encoder
 
-CFG = RuntimeConfig().with_overrides(
-    {
-        "encoder.input_size": 32,
-        "encoder.batch_size": 32,
-        "hdc.dim": 2048,
-        "drift.warmup": 60,
-        "drift.confirm_frames": 10,  # scaled down with the warm-up and the label budget
-        "adapt.label_budget": 48,
-        "adapt.steps": 60,
-    }
-)
+CFG = small_config({"adapt.label_budget": 48})
 
 
 @pytest.fixture(scope="module")

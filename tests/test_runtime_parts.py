@@ -13,11 +13,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from small_runtime import fog_stream
 
 from edge_runtime.adapt.adaptor import AdaptorArch
 from edge_runtime.adapt.domains import DomainSet
-from edge_runtime.adapt.executor import AdaptationExecutor, JobFailed, TrainSet
+from edge_runtime.adapt.executor import AdaptationExecutor
 from edge_runtime.adapt.init import PrototypeInit
+from edge_runtime.adapt.jobs import JobFailed, TrainSet
 from edge_runtime.adapt.planner import (
     EXTEND,
     GROW,
@@ -30,8 +32,6 @@ from edge_runtime.adapt.planner import (
 )
 from edge_runtime.adapt.search import FixedArchitecture, SearchResult
 from edge_runtime.config import RuntimeConfig
-from edge_runtime.data import load_fashion_mnist
-from edge_runtime.data.corruptions import corrupt
 from edge_runtime.drift.returns import AMBIGUOUS, CONFIRMED, ReturnDetector
 from edge_runtime.errors import CheckpointError, InputError
 from edge_runtime.labels import LabelProtocol, Shots, Trigger
@@ -51,15 +51,7 @@ CFG = RuntimeConfig().with_overrides(
 
 @pytest.fixture(scope="module")
 def data() -> dict[str, np.ndarray]:
-    x, y = load_fashion_mnist("train")
-    keep = np.random.default_rng(0).permutation(np.flatnonzero(y < 6))
-    tr, clean, shifted = keep[:600], keep[600:760], keep[760:960]
-    return {
-        "train_x": x[tr],
-        "train_y": y[tr].astype(np.int64),
-        "stream_x": np.concatenate([x[clean], corrupt(x[shifted], "fog", 4, 0)]),
-        "stream_y": np.concatenate([y[clean], y[shifted]]).astype(np.int64),
-    }
+    return fog_stream(200)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +168,7 @@ def test_executor_timeout_and_cancel_are_reported_and_honoured(feats, data) -> N
     done = ex.poll()
     assert len(done) == 1 and isinstance(done[0], JobFailed) and "Timeout" in done[0].error
     search.release.set()
-    assert ex._worker is not None and ex._worker.wait(10)
+    ex.close(10)  # the late job sees the cancel event and its thread ends
 
     # Cancellation: the training loop sees the event between steps and stops early.
     ex = AdaptationExecutor(FixedArchitecture(), PrototypeInit(), steps=10**6, lr=1e-3, seed=0)

@@ -13,15 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_runtime.adapt.domains import DomainSet
-from edge_runtime.adapt.executor import (
-    AdaptationExecutor,
-    DomainBuilt,
-    Finished,
-    HeadTrained,
-    JobFailed,
-)
+from edge_runtime.adapt.domains import BASE_DOMAIN, DomainSet
+from edge_runtime.adapt.executor import AdaptationExecutor
+from edge_runtime.adapt.jobs import DomainBuilt, Finished, HeadTrained, JobFailed, TrainSet
 from edge_runtime.adapt.planner import EXTEND, KNOWN_DOMAIN, REFUSE, RETURN, AdaptationPlanner
+from edge_runtime.adapt.unlabelled import UnlabelledPool
 from edge_runtime.drift import DOMAIN_SHIFT, NOVEL_CLASS, DriftMonitor
 from edge_runtime.drift.returns import CONFIRMED, ReturnClaim, ReturnDetector
 from edge_runtime.drift.signature import DomainSignature
@@ -30,6 +26,7 @@ from edge_runtime.events import EventLog
 from edge_runtime.labels import LabelProtocol, Shots, Trigger
 
 if TYPE_CHECKING:
+    from edge_runtime.adapt.adaptor import Adaptor
     from edge_runtime.adapt.bundle import DomainBundle
 
 log = logging.getLogger(__name__)
@@ -57,6 +54,7 @@ class AdaptationController:
         executor: AdaptationExecutor,
         events: EventLog,
         signature: DomainSignature | None = None,
+        pool: UnlabelledPool | None = None,
     ) -> None:
         self.domains = domains
         self.labels = labels
@@ -67,6 +65,8 @@ class AdaptationController:
         self.events = events
         # the recent OOD frames: a flag's signature and an adopted bundle's coverage check
         self.signature = signature if signature is not None else DomainSignature()
+        # A new domain's own unlabelled frames, for its head's self-training refit (None: off).
+        self.pool = pool
         self.adapting = False  # a grow/extend plan is built but not yet installed
         self.position = 0  # the next stream index (set by the runtime loop)
 
@@ -87,6 +87,9 @@ class AdaptationController:
             "labels": self.labels.summary(),
             "adapting": self.adapting,
             "training_jobs": len(self.executor.pending_training()),
+            "self_training": None
+            if self.pool is None or self.pool.domain_id is None
+            else {"domain": self.pool.domain_id, "frames": len(self.pool), "of": self.pool.size},
         }
 
     # -- flags ---------------------------------------------------------------------------------
@@ -253,6 +256,36 @@ class AdaptationController:
             return "an adaptation is under way on this device"
         return self.planner.growth_refusal(self.domains)
 
+    # -- self-training -------------------------------------------------------------------------
+    def _collect_unlabelled(
+        self, domain_id: int, rows: TrainSet | None, head: Adaptor | None
+    ) -> None:
+        """Start collecting the frames a new domain serves, for its head's refit (``head``: the
+        head trained on ``rows``, if there is one yet)."""
+        if self.pool is None or rows is None or rows.arch is None or domain_id == BASE_DOMAIN:
+            return
+        if domain_id not in self.domains.registry:
+            return
+        self.pool.open(domain_id, self.domains.get(domain_id).version, rows, head)
+
+    def wants_unlabelled(self, domain: int) -> bool:
+        """A frame served (and accepted) by ``domain`` would go into the self-training pool."""
+        return self.pool is not None and self.pool.wants(domain)
+
+    def unlabelled(self, frame: int, features: np.ndarray, image: np.ndarray | None) -> None:
+        """One such frame; when the pool is full, its refit is queued on the worker."""
+        if self.pool is None or not self.pool.update(features, image):
+            return
+        pool = self.pool.take()
+        if pool is not None:
+            log.info(
+                "self-training: %d unlabelled frames of domain %d in by frame %d, refit queued",
+                len(pool.features),
+                pool.domain_id,
+                frame,
+            )
+            self.executor.refine(pool)
+
     # -- labels --------------------------------------------------------------------------------
     def feedback(self, indices: np.ndarray, labels: np.ndarray) -> int:
         accepted = self.labels.feedback(indices, labels)
@@ -349,6 +382,15 @@ class AdaptationController:
     def _install_one(self, done: Finished, frame: int) -> None:
         ds = self.domains
         if isinstance(done, HeadTrained):
+            if done.refit_of is not None and (
+                done.domain_id not in ds.registry or ds.get(done.domain_id).version != done.refit_of
+            ):
+                log.info(
+                    "self-training refit of domain %d dropped: the domain changed since its "
+                    "frames were collected",
+                    done.domain_id,
+                )
+                return
             if ds.swap_head(done.domain_id, done.adaptor):
                 self.events.emit("adaptor_trained", frame, **done.report)
             return
@@ -396,6 +438,10 @@ class AdaptationController:
                     reason=ev.reason,
                 )
         self.adapting = False
+        # Its frames are collected from now on: at an unpaced replay's speed a segment is over
+        # before the first training job is; the refit trains its own first head if need be.
+        trained = done.adaptor if done.train_set is None else None  # phase one trained it
+        self._collect_unlabelled(done.domain_id, done.rows, trained)
         self.events.emit(
             "adaptation_finished", frame, trigger_frame=t.frame, kind=t.kind, **done.report
         )

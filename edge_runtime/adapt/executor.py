@@ -7,11 +7,15 @@ that the runtime installs at the start of the next batch, so routing and the dri
 the domain however fast frames arrive. Phase two trains the head on a worker thread and hands
 back a :class:`HeadTrained` that the runtime swaps in.
 
-Training jobs queue: a drift that comes while a head is still training never makes the serving
-thread wait; its job starts when the worker is free. Each job has a timeout, honours
-cancellation between optimiser steps, and a failure comes back as a :class:`JobFailed` with its
-traceback logged; nothing a job raises reaches the serving thread. With ``background=False``
-both phases run at once (deterministic results for tests and benchmarks).
+Training jobs queue (:class:`~edge_runtime.adapt.jobs.JobQueue`): a drift that comes while a
+head is still training never makes the serving thread wait; its job starts when the worker is
+free. Each job has a timeout, honours cancellation between optimiser steps, and a failure comes
+back as a :class:`JobFailed` with its traceback logged; nothing a job raises reaches the
+serving thread. With ``background=False`` both phases run at once (deterministic results for
+tests and benchmarks).
+
+Self-training (:meth:`AdaptationExecutor.refine`): once a new domain has served enough frames,
+a third kind of job refits its head on them, pseudo-labelled (:mod:`.self_training`).
 
 Training rows: every new head is trained on its shots plus the base domain's class-balanced
 replay buffer (shots up-weighted to the same total), so base frames the router sends to a new
@@ -31,15 +35,24 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_runtime.adapt.adaptor import Adaptor, AdaptorArch, build_adaptor, train_adaptor
 from edge_runtime.adapt.domains import BASE_DOMAIN, DomainSet
 from edge_runtime.adapt.init import Initializer, ran
+from edge_runtime.adapt.jobs import (
+    BuildContext,
+    DomainBuilt,
+    Finished,
+    HeadTrained,
+    Job,
+    JobFailed,
+    JobQueue,
+    TrainSet,
+)
 from edge_runtime.adapt.planner import EXTEND, GROW, Plan
 from edge_runtime.adapt.replay import balanced_indices
 from edge_runtime.adapt.search import (
@@ -50,11 +63,14 @@ from edge_runtime.adapt.search import (
     FixedArchitecture,
     SearchBudget,
 )
-from edge_runtime.adapt.worker import AdaptationWorker, JobResult
+from edge_runtime.adapt.self_training import SelfTrainingSpec, self_train
 from edge_runtime.errors import InputError
 from edge_runtime.hdc.bank import DomainMemoryBank
 from edge_runtime.labels import Shots, Trigger
 from edge_runtime.meta.detector import ThresholdCorrection, domain_threshold
+
+if TYPE_CHECKING:
+    from edge_runtime.adapt.unlabelled import Pool
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +90,6 @@ BUILD_WAIT_S = 120.0
 #: encoder pass and a conv adaptor's training MACs, and a tap row is up to 6,144 floats where a
 #: pooled one is 1,304).
 TAP_REPLAY_PER_CLASS = 100
-
-
-@dataclass
-class TrainSet:
-    """Rows a head is trained on (shots plus replay, in the adaptor's input space), with per-row
-    weights, and the architecture the search chose (None: a job from an older checkpoint, whose
-    rows are pooled features; the search runs again on them)."""
-
-    features: np.ndarray
-    labels: np.ndarray
-    weight: np.ndarray | None
-    arch: AdaptorArch | None = None
 
 
 @dataclass(frozen=True)
@@ -115,51 +119,6 @@ class GrowthBudget:
         )
 
 
-@dataclass
-class DomainBuilt:
-    """Phase one of a grow or extend plan, ready to install."""
-
-    plan: Plan
-    trigger: Trigger
-    domain_id: int
-    adaptor: Adaptor
-    bank: DomainMemoryBank
-    replay: tuple[np.ndarray, np.ndarray]
-    report: dict[str, Any]
-    train_set: TrainSet | None  # None when the head was trained in phase one
-    replay_images: np.ndarray | None = None
-
-
-@dataclass
-class HeadTrained:
-    domain_id: int
-    adaptor: Adaptor
-    report: dict[str, Any]
-
-
-@dataclass
-class JobFailed:
-    where: str  # "build" | "train"
-    error: str  # "ExcType: message"
-    domain_id: int = -1
-
-
-Finished = DomainBuilt | HeadTrained | JobFailed
-
-
-@dataclass
-class BuildContext:
-    """A grow/extend plan with what its build needs from the serving state (see _prepare)."""
-
-    plan: Plan
-    shots: Shots
-    replay: tuple[np.ndarray, np.ndarray]
-    replay_images: np.ndarray | None
-    budget: SearchBudget
-    bank: DomainMemoryBank
-    version: int
-
-
 def with_replay(
     x: np.ndarray,
     y: np.ndarray,
@@ -170,11 +129,13 @@ def with_replay(
     """Shots + replay, weighted so both halves count the same (a few hundred shots would
     otherwise drown under thousands of replayed features)."""
     if len(ry) == 0:
-        return TrainSet(x, y, np.full(len(y), 1.0 / max(len(y), 1), np.float32), arch)
+        return TrainSet(x, y, np.full(len(y), 1.0 / max(len(y), 1), np.float32), arch, len(y))
     w = np.concatenate(
         [np.full(len(ry), 0.5 / max(len(ry), 1)), np.full(len(y), 0.5 / max(len(y), 1))]
     )
-    return TrainSet(np.concatenate([rx, x]), np.concatenate([ry, y]), w.astype(np.float32), arch)
+    return TrainSet(
+        np.concatenate([rx, x]), np.concatenate([ry, y]), w.astype(np.float32), arch, len(y)
+    )
 
 
 def _select(images: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
@@ -199,6 +160,7 @@ class AdaptationExecutor:
         budget: GrowthBudget | None = None,
         correction: ThresholdCorrection | None = None,
         lr_schedule: str = "cosine",
+        self_training: SelfTrainingSpec | None = None,
     ) -> None:
         self.search = search
         self.initializer = initializer
@@ -211,18 +173,14 @@ class AdaptationExecutor:
         self.budget = budget or GrowthBudget()
         self.steps, self.lr, self.seed = int(steps), float(lr), int(seed)
         self.lr_schedule = lr_schedule
+        # Refit a new domain's head on its own pseudo-labelled frames (None: never).
+        self.self_training = self_training
         self.threads = threads
         self.background = background
         self.timeout_s = timeout_s
         self.replay_per_class = int(replay_per_class)
         self.base_replay_per_class = int(base_replay_per_class)
-        self._ready: deque[Finished] = deque()
-        self._queue: deque[tuple[int, TrainSet]] = deque()
-        self._builds: deque[BuildContext] = deque()  # before any training: they install domains
-        self._running: tuple[int, TrainSet] | None = None
-        self._building: BuildContext | None = None
-        self._worker: AdaptationWorker | None = None  # training
-        self._builder: AdaptationWorker | None = None  # builds
+        self.jobs = JobQueue(self._build, self._run_job, timeout_s)
 
     # -- heads ---------------------------------------------------------------------------------
     def shot_inputs(self, features: np.ndarray, images: np.ndarray | None) -> CandidateInputs:
@@ -371,18 +329,16 @@ class AdaptationExecutor:
                 # A search that encodes the shots at taps and scores every candidate takes
                 # seconds, not the tens of milliseconds the serving thread can spare: the
                 # worker builds, and the domain installs at the first batch after.
-                self._builds.append(ctx)
-                self._start_next()
+                self.jobs.build(ctx)
                 return
             built = self._build(ctx, threads=self.threads)
         except Exception as exc:
             log.error("adaptation (phase one) failed:\n%s", traceback.format_exc())
-            self._ready.append(JobFailed("build", f"{type(exc).__name__}: {exc}", plan.domain_id))
+            self.jobs.put(JobFailed("build", f"{type(exc).__name__}: {exc}", plan.domain_id))
             return
-        self._ready.append(built)
+        self.jobs.put(built)
         if built.train_set is not None:
-            self._queue.append((built.domain_id, built.train_set))
-            self._start_next()
+            self.jobs.train(Job(built.domain_id, built.train_set))
 
     def _prepare(self, plan: Plan, shots: Shots, domains: DomainSet) -> BuildContext:
         """What a build reads from the serving state, taken on the serving thread: the
@@ -469,6 +425,7 @@ class AdaptationExecutor:
             report,
             train if self.background else None,
             _select(mimg, idx),
+            rows=train,
         )
 
     def _replay_rows(
@@ -491,27 +448,10 @@ class AdaptationExecutor:
         rows = EncodedInputs(self.encoder, images[idx], rx[idx]).get(arch.tap, arch.condition)
         return rows, ry[idx].copy(), ""
 
-    # -- the worker ----------------------------------------------------------------------------
-    def _start_next(self) -> None:
-        # Builds and training have a worker each: a build (seconds) never waits behind a long
-        # training job, so a second drift's domain installs while the first head trains.
-        if self._building is None and self._builds:
-            if self._builder is None:
-                self._builder = AdaptationWorker(torch_threads=1, default_timeout_s=self.timeout_s)
-            ctx = self._builds.popleft()
-            self._building = ctx
-            self._builder.submit(
-                lambda cancel: self._build(ctx), name=f"build-domain-{ctx.plan.domain_id}"
-            )
-        if self._running is None and self._queue:
-            if self._worker is None:
-                self._worker = AdaptationWorker(torch_threads=1, default_timeout_s=self.timeout_s)
-            domain_id, train = self._queue.popleft()
-            self._running = (domain_id, train)
-            self._worker.submit(
-                lambda cancel: self._train_job(domain_id, train, cancel),
-                name=f"train-domain-{domain_id}",
-            )
+    def _run_job(self, job: Job, cancel: Any = None) -> HeadTrained:
+        if job.pool is not None:
+            return self._refit_job(job.pool, cancel)
+        return self._train_job(job.domain_id, job.train, cancel)
 
     def _train_job(self, domain_id: int, train: TrainSet, cancel: Any = None) -> HeadTrained:
         """Phase two: the head trained with the job's bounded steps."""
@@ -520,108 +460,114 @@ class AdaptationExecutor:
         steps = self.job_steps(len(train.labels), train.arch, n_cls)
         adaptor, report = self.train_head(train, domain_id, steps=steps, cancel=cancel)
         report.update(domain=domain_id, seconds=time.perf_counter() - t0)
-        return HeadTrained(domain_id, adaptor, report)
+        return HeadTrained(domain_id, adaptor, report, rows=train)
 
-    def _collect(self) -> None:
-        if self._builder is not None and self._building is not None:
-            done = self._builder.poll()
-            if done is not None:
-                domain_id = self._building.plan.domain_id
-                self._building = None
-                if done.ok:
-                    self._ready.append(done.value)
-                    if done.value.train_set is not None:
-                        self._queue.append((domain_id, done.value.train_set))
-                else:
-                    self._failed("build", domain_id, done)
-        if self._worker is not None and self._running is not None:
-            done = self._worker.poll()
-            if done is not None:
-                domain_id = self._running[0]
-                self._running = None
-                if done.ok:
-                    self._ready.append(done.value)
-                else:
-                    self._failed("train", domain_id, done)
-        self._start_next()
+    # -- self-training -------------------------------------------------------------------------
+    def refine(self, pool: Pool) -> None:
+        """Queue a self-training refit of ``pool.domain_id``'s head on the pool's frames (its
+        result comes back from :meth:`poll` as a :class:`HeadTrained` with ``refit_of`` set)."""
+        if self.self_training is None:
+            raise InputError("self-training is off (adapt.self_training: false)")
+        if self.background:
+            self.jobs.train(Job(pool.domain_id, pool.train, pool))
+            return
+        try:
+            self.jobs.put(self._refit_job(pool))
+        except Exception as exc:
+            log.error("self-training refit failed:\n%s", traceback.format_exc())
+            self.jobs.put(JobFailed("refit", f"{type(exc).__name__}: {exc}", pool.domain_id))
 
-    def _failed(self, where: str, domain_id: int, done: JobResult) -> None:
-        what = "adaptation (phase one)" if where == "build" else "training job"
-        if done.traceback:
-            log.error("%s for domain %d failed:\n%s", what, domain_id, done.traceback)
+    def _refit_job(self, pool: Pool, cancel: Any = None) -> HeadTrained:
+        """Rounds of pseudo-labelling the pool and refitting (see :mod:`.self_training`)."""
+        spec = self.self_training
+        assert spec is not None
+        t0 = time.perf_counter()
+        train, did = pool.train, pool.domain_id
+        arch = train.arch
+        if arch is None:
+            raise InputError("a refit needs the architecture its head was trained with")
+        if arch.tap is None and arch.condition == "none":
+            rows = pool.features
+        elif pool.images is None or self.encoder is None:
+            raise InputError(
+                f"the adaptor reads encoder tap {arch.tap} ({arch.condition}) and the pool "
+                "has no frames to encode"
+            )
         else:
-            log.error("%s for domain %d: %s", what, domain_id, done.error or done.status)
-        self._ready.append(JobFailed(where, done.error or done.status, domain_id))
+            rows = EncodedInputs(self.encoder, pool.images, pool.features).get(
+                arch.tap, arch.condition
+            )
+        n_cls = len(set(train.labels.tolist()))
+        extra = round(len(rows) * spec.fraction)
+        steps = self.job_steps(len(train.labels) + extra, arch, n_cls)
 
+        def fit(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> Adaptor:
+            return self.train_head(
+                TrainSet(x, y, w, arch), did, steps=steps, cancel=cancel, threads=None
+            )[0]
+
+        # The pool filled before this domain's first training was installed (or in
+        # another thread's copy): train the head that labels the first round here.
+        first = (
+            pool.head if pool.head is not None else fit(train.features, train.labels, train.weight)
+        )
+        adaptor, st = self_train(
+            first,
+            train.features,
+            train.labels,
+            train.weight,
+            rows,
+            fit,
+            spec,
+            train.shot_classes(),
+            shots=train.shots,
+        )
+        report = {
+            "arch": arch.to_dict(),
+            "domain": did,
+            "stage": "self_training",
+            "self_training": st,
+            "train": {"steps": steps, "rounds": spec.rounds},
+            "seconds": time.perf_counter() - t0,
+        }
+        return HeadTrained(did, adaptor, report, rows=train, refit_of=pool.version)
+
+    # -- the job queue -------------------------------------------------------------------------
     def poll(self) -> list[Finished]:
         """Everything finished since the last poll, in order; starts the next queued job."""
-        self._collect()
-        out = list(self._ready)
-        self._ready.clear()
-        return out
+        return self.jobs.poll()
 
     @property
     def busy(self) -> bool:
-        return (
-            self._running is not None
-            or self._building is not None
-            or bool(self._queue)
-            or bool(self._builds)
-        )
+        return self.jobs.busy
 
     @property
     def building(self) -> bool:
         """A domain is being built on the worker (its install is still to come)."""
-        return self._building is not None or bool(self._builds)
+        return self.jobs.building
 
     def wait(self, timeout_s: float | None = None, *, builds_only: bool = False) -> bool:
         """Block until queued and running jobs are done (end of a stream, tests), at most
         ``timeout_s`` in all; ``builds_only``: until every queued build is (a checkpoint waits
         for those: they hold the shots). Never called on the serving path. True if done."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-
-        def pending() -> bool:
-            if builds_only:
-                return self.building
-            return self._running is not None or self._building is not None
-
-        while pending():
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            worker = self._builder if self._building is not None else self._worker
-            assert worker is not None
-            if not worker.wait(left):
-                return False
-            self._collect()
-        return True
+        return self.jobs.wait(timeout_s, builds_only=builds_only)
 
     def cancel(self) -> None:
         """Drop queued jobs and ask the running one to stop (reported as failed: cancelled)."""
-        self._queue.clear()
-        self._builds.clear()
-        if self._worker is not None and self._running is not None:
-            self._worker.cancel()
-        if self._builder is not None and self._building is not None:
-            self._builder.cancel()
+        self.jobs.cancel()
 
     def pending_training(self) -> list[tuple[int, TrainSet]]:
-        """Training jobs not yet installed (running first), for a checkpoint to re-queue."""
-        jobs = list(self._queue)
-        if self._running is not None:
-            jobs.insert(0, self._running)
-        return jobs
+        """Training jobs not yet installed (running first), for a checkpoint to re-queue.
+        Refits are not among them: the head they would replace is already trained, and their
+        pool is not kept."""
+        return [(j.domain_id, j.train) for j in self.jobs.pending() if j.pool is None]
 
     def requeue(self, jobs: list[tuple[int, TrainSet]]) -> None:
-        self._queue.extend(jobs)
-        if self.background:
-            self._start_next()
-        else:  # synchronous mode trains at once
-            while self._queue:
-                self._ready.append(self._train_job(*self._queue.popleft()))
+        for did, train in jobs:
+            if self.background:
+                self.jobs.train(Job(did, train))
+            else:  # synchronous mode trains at once
+                self.jobs.put(self._train_job(did, train))
 
     def close(self, timeout_s: float | None = 30.0) -> None:
-        self.cancel()
-        for worker in (self._worker, self._builder):
-            if worker is not None:
-                worker.wait(timeout_s)
-        self._worker = self._builder = None
-        self._running = self._building = None
+        self.jobs.close(timeout_s)

@@ -19,7 +19,8 @@ import numpy as np
 
 from edge_runtime.adapt.adaptor import AdaptorArch
 from edge_runtime.adapt.domains import DomainSet
-from edge_runtime.adapt.executor import AdaptationExecutor, TrainSet
+from edge_runtime.adapt.executor import AdaptationExecutor
+from edge_runtime.adapt.jobs import TrainSet
 from edge_runtime.config.schema import RuntimeConfig, validate_config
 from edge_runtime.drift import DriftMonitor
 from edge_runtime.drift.returns import ReturnDetector
