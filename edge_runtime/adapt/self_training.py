@@ -3,9 +3,11 @@
 Labels are the operator's cost; the frames the router sends to a new domain after its head is
 trained are free. A head trained on 50 shots labels those frames well enough where it is most
 confident, and refitting on the shots plus the confident frames recovers much of what the
-other 150 labels of the default budget would have bought (isolated conv@13 adaptor on 450 pool
-frames, fashion-drift segments, 50 shots -> 3 rounds: MNIST 79.2 -> 89.1 against 93.5 at 200
-labels; fog 71.7 -> 77.6 against 83.0; noise 66.2 -> 71.1 against 77.9; benchmarks/RESULTS.md).
+other 150 labels of the default budget would have bought (``benchmarks/bench_self_training.py``:
+an isolated conv@13 adaptor, 50 labels and 450 unlabelled frames, three rounds: MNIST 79.5 ->
+92.0 against 93.3 at 200 labels, fog 71.7 -> 78.1 against 82.0, noise 70.1 -> 74.0 against
+77.0; six segments' mean 72.2 -> 78.9 against 83.4). In the runtime the gain is smaller (see
+the config field's comment).
 
 Two things keep the pseudo-labels from running away (confirmation bias):
 
