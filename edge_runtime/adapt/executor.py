@@ -501,13 +501,13 @@ class AdaptationExecutor:
         extra = round(len(rows) * spec.fraction)
         steps = self.job_steps(len(train.labels) + extra, arch, n_cls)
 
-        def fit(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> Adaptor:
+        def fit(x: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> Adaptor:
             return self.train_head(
                 TrainSet(x, y, w, arch), did, steps=steps, cancel=cancel, threads=None
             )[0]
 
-        # The pool filled before this domain's first training was installed (or in
-        # another thread's copy): train the head that labels the first round here.
+        # The pool opens when the domain is installed, before its first training is (at an
+        # unpaced replay's speed, long before): the head that labels round one is trained here.
         first = (
             pool.head if pool.head is not None else fit(train.features, train.labels, train.weight)
         )

@@ -119,7 +119,7 @@ def with_pseudo(
 
 
 #: fit(x, y, weight) -> a head initialised and trained on those rows
-Fit = Callable[[np.ndarray, np.ndarray, np.ndarray], Any]
+Fit = Callable[[np.ndarray, np.ndarray, np.ndarray | None], Any]
 
 
 def self_train(
