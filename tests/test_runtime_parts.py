@@ -18,7 +18,7 @@ from small_runtime import fog_stream
 from edge_runtime.adapt.adaptor import AdaptorArch
 from edge_runtime.adapt.domains import DomainSet
 from edge_runtime.adapt.executor import AdaptationExecutor
-from edge_runtime.adapt.init import PrototypeInit
+from edge_runtime.adapt.init import PrototypeInit, WeightedInitializer
 from edge_runtime.adapt.jobs import JobFailed, TrainSet
 from edge_runtime.adapt.planner import (
     EXTEND,
@@ -157,6 +157,29 @@ class _FailingInit(PrototypeInit):
 
 def _train_set(feats, data) -> TrainSet:
     return TrainSet(feats["train"][:200], data["train_y"][:200], None)
+
+
+class _WeightSeeingInit(PrototypeInit):
+    """Records the row weights the executor hands a WeightedInitializer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[np.ndarray | None] = []
+
+    def init_weighted(self, adaptor, features, labels, sample_weight) -> None:
+        self.seen.append(sample_weight)
+        self.init(adaptor, features, labels)
+
+
+def test_a_weighted_initializer_gets_the_rows_weights_and_a_plain_one_does_not(feats, data):
+    w = np.linspace(1.0, 2.0, 200).astype(np.float32)
+    train = TrainSet(feats["train"][:200], data["train_y"][:200], w)
+    init = _WeightSeeingInit()
+    assert isinstance(init, WeightedInitializer)
+    assert not isinstance(PrototypeInit(), WeightedInitializer)
+    ex = AdaptationExecutor(FixedArchitecture(), init, steps=5, lr=1e-2, seed=0)
+    ex.train_head(train, 1, steps=0)
+    assert len(init.seen) == 1 and init.seen[0] is w
 
 
 def test_executor_timeout_and_cancel_are_reported_and_honoured(feats, data) -> None:

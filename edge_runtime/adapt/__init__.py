@@ -12,6 +12,7 @@ from edge_runtime.adapt.init import (
     Initializer,
     PrototypeInit,
     StandardInit,
+    WeightedInitializer,
     make_initializer,
 )
 from edge_runtime.adapt.nas import DEFAULT_PROXY, LatencyTable, ZeroShotSearch
@@ -64,6 +65,7 @@ __all__ = [
     "SearchResult",
     "StandardInit",
     "TrainReport",
+    "WeightedInitializer",
     "WorkerBusyError",
     "ZeroShotSearch",
     "build_adaptor",

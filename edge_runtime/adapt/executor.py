@@ -42,7 +42,7 @@ import numpy as np
 
 from edge_runtime.adapt.adaptor import Adaptor, AdaptorArch, build_adaptor, train_adaptor
 from edge_runtime.adapt.domains import BASE_DOMAIN, DomainSet
-from edge_runtime.adapt.init import Initializer, ran
+from edge_runtime.adapt.init import Initializer, WeightedInitializer, ran
 from edge_runtime.adapt.jobs import (
     BuildContext,
     DomainBuilt,
@@ -242,9 +242,9 @@ class AdaptationExecutor:
             arch, report = self.choose(ArrayInputs(x), y, label_map)
         arch = arch.with_in_dim(x.shape[1])
         adaptor = build_adaptor(arch, label_map, seed=self.seed + domain_id)
-        if getattr(self.initializer, "takes_sample_weight", False):
+        if isinstance(self.initializer, WeightedInitializer):
             # A meta-init's fast steps see the shots/replay weighting the training below uses.
-            self.initializer.init(adaptor, x, y, sample_weight=train.weight)  # type: ignore[call-arg]
+            self.initializer.init_weighted(adaptor, x, y, train.weight)
         else:
             self.initializer.init(adaptor, x, y)
         # What actually ran (a meta-init falls back to prototypes for a family without a file).

@@ -38,6 +38,20 @@ class Initializer(Protocol):
     def init(self, adaptor: Adaptor, features: np.ndarray, labels: np.ndarray) -> None: ...
 
 
+@runtime_checkable
+class WeightedInitializer(Initializer, Protocol):
+    """An initializer that also sees the rows' training weights (shots and replay half and half,
+    as the executor trains): a meta-init's fast steps should optimise what training will."""
+
+    def init_weighted(
+        self,
+        adaptor: Adaptor,
+        features: np.ndarray,
+        labels: np.ndarray,
+        sample_weight: np.ndarray | None,
+    ) -> None: ...
+
+
 def ran(initializer: Initializer) -> dict[str, Any]:
     """What ``initializer``'s last ``init`` on this thread did: at least ``{"init": name}``
     (the initializer that actually set the weights), plus whatever it reports (MetaInit: the
@@ -232,8 +246,14 @@ class MetaInit:
                 return loaded.correction
         return None
 
-    #: The executor passes its per-row training weights (shots vs replay) to ``init``.
-    takes_sample_weight = True
+    def init_weighted(
+        self,
+        adaptor: Adaptor,
+        features: np.ndarray,
+        labels: np.ndarray,
+        sample_weight: np.ndarray | None,
+    ) -> None:
+        self.init(adaptor, features, labels, sample_weight=sample_weight)
 
     def init(
         self,
