@@ -9,6 +9,7 @@ from small_runtime import fog_stream, small_config
 
 from edge_runtime.adapt.adaptor import AdaptorArch, build_adaptor, train_adaptor
 from edge_runtime.adapt.init import PrototypeInit
+from edge_runtime.adapt.jobs import HeadTrained
 from edge_runtime.adapt.self_training import (
     PSEUDO_SHARE,
     SelfTrainingSpec,
@@ -173,3 +174,24 @@ def test_a_refit_runs_on_the_worker_and_is_never_checkpointed_as_a_job(encoder, 
         assert rt.executor.pending_training() == []
     finally:
         rt.close()
+
+
+def test_a_refit_for_a_domain_changed_since_is_dropped(encoder, fog) -> None:
+    """A refit carries the domain version its frames were collected under; one that comes back
+    after the domain was extended (another version) is not installed."""
+    rt = Runtime(CFG.with_overrides({"adapt.self_training": False}), encoder, background=False)
+    rt.fit_base(fog["train_x"], fog["train_y"])
+    _run(rt, fog)
+    did = max(rt.domains)
+    serving = rt.domains_set.get(did).adaptor
+    version = rt.domains_set.get(did).version
+    stale = build_adaptor(serving.arch, list(serving.label_map), seed=1)
+    rt.executor.jobs.put(HeadTrained(did, stale, {"domain": did}, refit_of=version + 1))
+    rt.controller.install(rt.frames_seen)
+    assert rt.domains_set.get(did).adaptor is serving
+    assert not [e for e in rt.drain_events() if e["type"] == "adaptor_trained"]
+    # The same refit for the version it was collected under is installed.
+    rt.executor.jobs.put(HeadTrained(did, stale, {"domain": did}, refit_of=version))
+    rt.controller.install(rt.frames_seen)
+    assert rt.domains_set.get(did).adaptor is stale
+    assert [e["type"] for e in rt.drain_events()] == ["adaptor_trained"]
