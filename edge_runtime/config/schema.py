@@ -206,8 +206,9 @@ class AdaptConfig(_Section):
     # Refit a new domain's head on the frames it then serves, pseudo-labelled by its own head
     # (class-balanced, a growing share over the rounds). ``self_training_pool`` frames are
     # collected first; ``fraction``: the share of them kept in the last round. Off by default:
-    # it pays at small label budgets (fashion-drift, 50 labels: mean final 80.3 -> 81.8) and not
-    # at the default 200 (85.1 -> 84.8, forgetting 1.3 -> 2.7 points; benchmarks/RESULTS.md).
+    # it pays at small label budgets (50 labels: fashion-drift mean final 80.3 -> 81.8,
+    # lowlevel-drift 77.5 -> 79.3) but at the default 200 it cost fashion-drift 0.3 points and
+    # forgetting 1.3 -> 2.7 (lowlevel-drift +0.7; benchmarks/RESULTS.md).
     self_training: bool = False
     self_training_pool: int = Field(450, gt=0)
     self_training_rounds: int = Field(3, gt=0)
