@@ -39,8 +39,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,7 +49,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from eval_setup import add_config_args, build_encoder, config_source, make_bank, runtime_config
+from eval_setup import (
+    add_config_args,
+    build_encoder,
+    config_source,
+    machine_name,
+    make_bank,
+    runtime_config,
+)
 
 from edge_runtime.adapt.adaptor import Adaptor, AdaptorArch, build_adaptor, train_adaptor
 from edge_runtime.adapt.init import MetaInit, PrototypeInit
@@ -365,17 +370,6 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
@@ -507,14 +501,14 @@ def main(argv: list[str] | None = None) -> int:
             for a in archs.values()
         }
         args.out.mkdir(parents=True, exist_ok=True)
-        out = {"wall": walls, "loadavg": os.getloadavg(), "machine": _machine()}
+        out = {"wall": walls, "loadavg": os.getloadavg(), "machine": machine_name()}
         (args.out / "bench_meta_wall.json").write_text(json.dumps(out, indent=2) + "\n")
         print(json.dumps(out, indent=2))
         return 0
     load_start = os.getloadavg()
     report: dict[str, Any] = {
         "command": "python benchmarks/bench_meta.py " + " ".join(argv or sys.argv[1:]),
-        "machine": _machine(),
+        "machine": machine_name(),
         "torch_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "config": config_source(args),

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,14 +41,15 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_nas as bn
-from eval_setup import add_config_args, build_encoder, config_source, runtime_config
+from eval_setup import add_config_args, build_encoder, config_source, machine_name, runtime_config
 
 from edge_runtime.adapt.adaptor import Adaptor, AdaptorArch, build_adaptor, train_adaptor
 from edge_runtime.adapt.init import PrototypeInit
-from edge_runtime.adapt.self_training import SelfTrainingSpec, self_train
+from edge_runtime.adapt.self_training import self_train
 from edge_runtime.adapt.space import conv_arch
 from edge_runtime.encoder.backend import TAP_BLOCKS
 from edge_runtime.encoder.cache import cached_encoded
+from edge_runtime.runtime import self_training_spec
 
 SEGMENTS = ("fog", "noise", "new-classes", "mnist", "digits-block+impulse", "fashion-impulse")
 LABELS = (20, 50, 200)
@@ -73,14 +72,6 @@ def _rows(arch: AdaptorArch, enc: Any) -> np.ndarray:
     return np.asarray(m, np.float32).reshape(len(m), -1)
 
 
-def _machine() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    for line in out.splitlines():
-        if line.startswith("Model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_args(ap)
@@ -95,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         args.segments, args.seeds, args.archs = "fog,mnist", "0", "linear"
     cfg = runtime_config(args)
     a = cfg.adapt
-    spec = SelfTrainingSpec(a.self_training_pool, a.self_training_rounds, a.self_training_fraction)
+    spec = self_training_spec(cfg)
     encoder = build_encoder(cfg)
     torch.set_num_threads(1)
     segs = {s.name: s for s in bn.segments()}
@@ -179,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "bench_self_training",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": _machine(),
+        "machine": machine_name(),
         "config": config_source(args),
         "spec": {"pool": spec.pool, "rounds": spec.rounds, "fraction": spec.fraction},
         "train": {"steps": a.steps, "lr": a.lr, "schedule": a.lr_schedule},

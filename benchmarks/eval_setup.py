@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import platform
+import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +33,7 @@ __all__ = [
     "config_source",
     "differences",
     "encoder_line",
+    "machine_name",
     "make_bank",
     "make_monitor",
     "override_label",
@@ -147,3 +150,15 @@ def encoder_line(encoder: Encoder) -> str:
         f"{backend_name(encoder)}, input {spec.input_size}, "
         f"layers {'+'.join(str(x) for x in spec.layers)}"
     )
+
+
+def machine_name() -> str:
+    """The CPU model as `lscpu` names it (the platform's processor string without lscpu)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

@@ -18,6 +18,16 @@ import numpy as np
 from edge_runtime.errors import InputError
 
 
+def stack_uniform(images: list[np.ndarray | None]) -> np.ndarray | None:
+    """Kept frames stacked, or None unless there are some and every one is there with one
+    shape and dtype (frames from cameras of different sizes train pooled heads only)."""
+    if not images or any(im is None for im in images):
+        return None
+    if len({(im.shape, im.dtype.str) for im in images if im is not None}) != 1:
+        return None
+    return np.stack(images)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class Trigger:
     """What a label collection is for: the flag's frame, its kind and its evidence."""
@@ -159,12 +169,7 @@ class LabelProtocol:
     def _shot_images(self) -> np.ndarray | None:
         """The labelled frames' images in shot order, or None unless every shot has one of one
         shape (a collection across cameras of different sizes trains pooled heads only)."""
-        imgs = [self._images.get(i) for i in self._i]
-        if not imgs or any(im is None for im in imgs):
-            return None
-        if len({(im.shape, im.dtype.str) for im in imgs if im is not None}) != 1:
-            return None
-        return np.stack(imgs)  # type: ignore[arg-type]
+        return stack_uniform([self._images.get(i) for i in self._i])
 
     def cancel(self) -> None:
         self.trigger = None
@@ -200,13 +205,10 @@ class LabelProtocol:
         """Kept frames' images, when they all share one shape (else none are checkpointed: the
         resumed collection trains pooled heads only, as a mixed-size one would)."""
         keys = sorted(self._images)
-        shapes = {(self._images[i].shape, self._images[i].dtype.str) for i in keys}
-        if not keys or len(shapes) != 1:
+        images = stack_uniform([self._images[i] for i in keys])
+        if images is None:
             return {}
-        return {
-            "image_frames": np.asarray(keys, dtype=np.int64),
-            "images": np.stack([self._images[i] for i in keys]),
-        }
+        return {"image_frames": np.asarray(keys, dtype=np.int64), "images": images}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.budget = int(state["budget"])

@@ -143,6 +143,8 @@ class Runtime:
             Budgets.from_config(cfg, self.encoder.spec.dim),
             novel_policy=novel_policy if novel_policy is not None else cfg.adapt.novel_policy,
         )
+        # Self-training: a new domain's head refitted on the frames it serves (None: off).
+        spec = self_training_spec(cfg) if cfg.adapt.self_training else None
         # Plug points: zero-shot NAS picks the architecture, a (meta-learned) initialiser the
         # starting weights. Defaults: a linear head started at the class prototypes.
         self.executor = AdaptationExecutor(
@@ -165,7 +167,7 @@ class Runtime:
                 max_total_params=cfg.adapt.max_total_params,
             ),
             correction=init.detector_correction() if isinstance(init, MetaInit) else None,
-            self_training=self_training_for(cfg),
+            self_training=spec,
         )
         self.controller = AdaptationController(
             self.domains_set,
@@ -176,7 +178,7 @@ class Runtime:
             self.executor,
             self.events,
             self.signature,
-            pool=UnlabelledPool(cfg.adapt.self_training_pool) if cfg.adapt.self_training else None,
+            pool=None if spec is None else UnlabelledPool(spec.pool),
         )
         self.command_handler = CommandHandler(
             self.commands,
@@ -584,10 +586,9 @@ def label_budget_for(config: RuntimeConfig, initializer: Initializer) -> int:
     return a.label_budget
 
 
-def self_training_for(config: RuntimeConfig) -> SelfTrainingSpec | None:
+def self_training_spec(config: RuntimeConfig) -> SelfTrainingSpec:
+    """The refit the config describes (whether or not ``adapt.self_training`` turns it on)."""
     a = config.adapt
-    if not a.self_training:
-        return None
     return SelfTrainingSpec(
         pool=a.self_training_pool, rounds=a.self_training_rounds, fraction=a.self_training_fraction
     )

@@ -486,17 +486,9 @@ class AdaptationExecutor:
         arch = train.arch
         if arch is None:
             raise InputError("a refit needs the architecture its head was trained with")
-        if arch.tap is None and arch.condition == "none":
-            rows = pool.features
-        elif pool.images is None or self.encoder is None:
-            raise InputError(
-                f"the adaptor reads encoder tap {arch.tap} ({arch.condition}) and the pool "
-                "has no frames to encode"
-            )
-        else:
-            rows = EncodedInputs(self.encoder, pool.images, pool.features).get(
-                arch.tap, arch.condition
-            )
+        # The pool's frames in the adaptor's input space, as the shots' were (no frames, or no
+        # taps: ArrayInputs says which input is missing).
+        rows = self.shot_inputs(pool.features, pool.images).get(arch.tap, arch.condition)
         n_cls = len(set(train.labels.tolist()))
         extra = round(len(rows) * spec.fraction)
         steps = self.job_steps(len(train.labels) + extra, arch, n_cls)

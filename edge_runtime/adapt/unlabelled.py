@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_runtime.adapt.adaptor import Adaptor
 from edge_runtime.adapt.jobs import TrainSet
+from edge_runtime.labels import stack_uniform
 
 
 @dataclass
@@ -72,17 +73,13 @@ class UnlabelledPool:
         """The full pool (and closes it), else None."""
         if self.domain_id is None or not self.full or self._train is None:
             return None
-        imgs = self._img
-        same = all(im is not None for im in imgs) and (
-            len({(im.shape, im.dtype.str) for im in imgs if im is not None}) == 1
-        )
         pool = Pool(
             self.domain_id,
             self._version,
             self._train,
             self._head,
             np.stack(self._x),
-            np.stack(imgs) if same else None,  # type: ignore[arg-type]
+            stack_uniform(self._img),
         )
         self.reset()
         return pool

@@ -16,7 +16,7 @@ benchmarks, ``meta-train``) reads them from the cache.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,6 +119,19 @@ def shift_images(
 FeatureFn = Callable[[np.ndarray, str], np.ndarray]
 
 
+def _shift_frames(
+    specs: tuple[ShiftSpec, ...], per_class: int, seed: int
+) -> Iterator[tuple[ShiftSpec, np.ndarray, np.ndarray]]:
+    """Each shift's frames and labels; shifts of the same source take disjoint slices."""
+    used: dict[str, int] = {}
+    for spec in specs:
+        offset = used.get(spec.source, 0)
+        used[spec.source] = offset + 1
+        # MNIST has ~500 frames a class: one slice only; its held-out shift is the only user.
+        x, y = shift_images(spec, per_class, seed, offset if spec.source != "mnist" else 0)
+        yield spec, x, y
+
+
 def build_domains(
     specs: tuple[ShiftSpec, ...],
     features: FeatureFn,
@@ -127,15 +140,10 @@ def build_domains(
 ) -> list[Domain]:
     """Encode each shift (``features(images, tag)``, e.g. a cached encoder pass). Shifts of the
     same source take disjoint slices of its images."""
-    out: list[Domain] = []
-    used: dict[str, int] = {}
-    for spec in specs:
-        offset = used.get(spec.source, 0)
-        used[spec.source] = offset + 1
-        # MNIST has ~500 frames a class: one slice only; its held-out shift is the only user.
-        x, y = shift_images(spec, per_class, seed, offset if spec.source != "mnist" else 0)
-        out.append(Domain(spec.name, np.asarray(features(x, f"meta-{spec.name}")), y))
-    return out
+    return [
+        Domain(spec.name, np.asarray(features(x, f"meta-{spec.name}")), y)
+        for spec, x, y in _shift_frames(specs, per_class, seed)
+    ]
 
 
 def build_tap_domains(
@@ -154,11 +162,7 @@ def build_tap_domains(
 
     taps = tuple(sorted({int(t) for t in taps}))
     out: dict[int | None, list[Domain]] = {None: [], **{t: [] for t in taps}}
-    used: dict[str, int] = {}
-    for spec in specs:
-        offset = used.get(spec.source, 0)
-        used[spec.source] = offset + 1
-        x, y = shift_images(spec, per_class, seed, offset if spec.source != "mnist" else 0)
+    for spec, x, y in _shift_frames(specs, per_class, seed):
         tag = f"meta-{spec.name}"
         enc = cached_encoded(encoder, x, taps, tag=tag, progress=tag if progress else False)  # type: ignore[arg-type]
         out[None].append(Domain(spec.name, np.asarray(enc.features, np.float32), y))
